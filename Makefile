@@ -1,0 +1,44 @@
+# Every target installs what it needs first (into .venv, pinned by constraints.txt), so each one
+# works on a fresh clone with nothing but Python 3.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install test test-fast lint format demo train clean
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	# torch first and exactly pinned: a looser requirement would pull the CUDA build
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[dev,sweep]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install the project with its pinned dependencies
+
+test: $(STAMP)  ## run the whole test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: $(STAMP)  ## a short tour of the loss zoo: every loss x margin cell on the same inputs
+	$(BIN)/python -m losses
+
+clean:  ## remove the virtual environment and caches (not your outputs/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
