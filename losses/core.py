@@ -81,9 +81,11 @@ def _check_options(
     margin_scale: float | None,
     weights: dict[str, float],
 ) -> None:
-    if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
+    if isinstance(beta, bool) or not (
+        isinstance(beta, int | float) and math.isfinite(beta) and beta > 0
+    ):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (isinstance(alpha, int | float) and 0 < alpha <= 1):
+    if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and 0 < alpha <= 1):
         raise ValueError(f"alpha (the gap adaptor) must be in (0, 1], got {alpha!r}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")

@@ -2,9 +2,10 @@
 
 Each is a pure, elementwise function of a tensor ``z`` (the margin, see :mod:`losses.margins`) and
 is registered in :data:`LOSSES` under its name. Preference learning minimises ``f(z)``: every f here
-is convex and decreasing around z = 0, so a larger margin means a smaller loss.
+is decreasing around z = 0, so a larger margin means a smaller loss; all are convex except savage,
+which is bounded (and so concave for z < -ln 2).
 
-Numerics: every function is finite, with a finite and non-zero-where-it-should-be gradient, for any
+Numerics: every function is finite, with a finite gradient that is not silently zero, for any
 finite z in float32 and bfloat16 (the margin of log-ratios of size 1e5 is about 1e4 to 1e5). The
 formulas are exact for |z| <= 20; the one loss that would overflow (exponential) continues linearly
 past ``EXP_CAP`` (see :func:`exponential`).
@@ -107,4 +108,8 @@ def savage(z: torch.Tensor) -> torch.Tensor:
 
     Example: ``savage(torch.tensor(0.0)) == 0.25``.
     """
-    return torch.sigmoid(-z) ** 2
+    # exp(-2 softplus(z)) == sigmoid(-z)^2, but its backward goes through sigmoid(z), which stays
+    # accurate where sigmoid(-z) rounds to 1 (bfloat16 from z ~ -6): no silently lost gradient.
+    # Computed in float32: in bfloat16 the exp would amplify softplus's rounding to a few percent.
+    wide = z.to(torch.promote_types(z.dtype, torch.float32))
+    return torch.exp(-2.0 * F.softplus(wide)).to(z.dtype)

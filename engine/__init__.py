@@ -1,0 +1,1 @@
+"""Training engine for the preference-loss zoo."""

@@ -1,0 +1,162 @@
+"""From the composed Hydra config to what the loop needs: checks, objective, DeepSpeed config.
+
+Checks run before anything is built, so a bad value fails in a second with the key's name, not
+after a model has loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from losses import PreferenceLoss
+
+#: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
+OBJECTIVE_EXTRAS = (
+    "label_smoothing",
+    "gamma",
+    "dpop_lambda",
+    "margin_scale",
+    "calibration_weight",
+    "nll_weight",
+    "preference_weight",
+    "reference_free",
+)
+
+_POSITIVE_INTS = ("micro_batch_size", "grad_accum", "log_every", "logit_chunk_size")
+_NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")
+_SCHEDULES = ("constant", "linear", "cosine")
+_BAD_ROW_MODES = ("error", "skip")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or out of range; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key}: {message}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad key (missing ``???`` values included)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _require(
+        not missing,
+        missing[0] if missing else "",
+        "is required (it is ??? in the config); set it on the command line",
+    )
+    trainer = cfg.trainer
+    for key in _POSITIVE_INTS:
+        value = trainer.get(key)
+        _require(
+            isinstance(value, int) and value > 0,
+            f"trainer.{key}",
+            f"must be an integer > 0, got {value!r}",
+        )
+    for key in _NON_NEGATIVE_INTS:
+        value = trainer.get(key)
+        _require(
+            isinstance(value, int) and value >= 0,
+            f"trainer.{key}",
+            f"must be an integer >= 0, got {value!r}",
+        )
+    max_steps = trainer.get("max_steps")
+    _require(
+        max_steps is None or (isinstance(max_steps, int) and max_steps > 0),
+        "trainer.max_steps",
+        f"must be null or an integer > 0, got {max_steps!r}",
+    )
+    if max_steps is None:
+        epochs = trainer.get("epochs")
+        _require(
+            isinstance(epochs, int) and epochs > 0,
+            "trainer.epochs",
+            f"must be an integer > 0 when max_steps is null, got {epochs!r}",
+        )
+    lr = trainer.get("lr")
+    _require(
+        isinstance(lr, int | float) and lr > 0, "trainer.lr", f"must be a number > 0, got {lr!r}"
+    )
+    _require(
+        trainer.get("lr_schedule") in _SCHEDULES,
+        "trainer.lr_schedule",
+        f"must be one of {', '.join(_SCHEDULES)}, got {trainer.get('lr_schedule')!r}",
+    )
+    warmup = trainer.get("warmup_ratio")
+    _require(
+        isinstance(warmup, int | float) and 0 <= warmup < 1,
+        "trainer.warmup_ratio",
+        f"must be in [0, 1), got {warmup!r}",
+    )
+    _require(
+        trainer.get("resume") in (None, "auto"),
+        "trainer.resume",
+        f"must be null or auto, got {trainer.get('resume')!r}",
+    )
+    data = cfg.data
+    _require(
+        data.get("on_bad_row") in _BAD_ROW_MODES,
+        "data.on_bad_row",
+        f"must be one of {', '.join(_BAD_ROW_MODES)}, got {data.get('on_bad_row')!r}",
+    )
+    max_length = data.get("max_length")
+    _require(
+        isinstance(max_length, int) and max_length > 1,
+        "data.max_length",
+        f"must be an integer > 1, got {max_length!r}",
+    )
+    max_prompt = data.get("max_prompt_length")
+    _require(
+        max_prompt is None or (isinstance(max_prompt, int) and 0 < max_prompt < max_length),
+        "data.max_prompt_length",
+        f"must be null or an integer in (0, data.max_length={max_length}), got {max_prompt!r}",
+    )
+
+
+def build_objective(cfg: DictConfig) -> PreferenceLoss:
+    """The :class:`losses.PreferenceLoss` described by loss, margin, beta and method."""
+    method = cfg.method
+    extras = {key: method.get(key) for key in OBJECTIVE_EXTRAS if method.get(key) is not None}
+    try:
+        return PreferenceLoss(
+            loss=cfg.loss.name,
+            margin=cfg.margin.name,
+            beta=float(cfg.beta),
+            alpha=float(cfg.margin.alpha),
+            length_normalized=bool(method.get("length_normalized", False)),
+            **extras,
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"the objective (loss / margin / beta / margin.alpha / method.*): {error}"
+        ) from None
+
+
+def build_deepspeed_config(
+    cfg: DictConfig, model_dtype: torch.dtype, world_size: int
+) -> dict[str, Any]:
+    """The ``deepspeed=<stage>`` group merged with the trainer's batch, optimizer and precision."""
+    trainer = cfg.trainer
+    ds: dict[str, Any] = OmegaConf.to_container(cfg.deepspeed, resolve=True)  # type: ignore[assignment]
+    ds.pop("description", None)
+    ds["train_micro_batch_size_per_gpu"] = int(trainer.micro_batch_size)
+    ds["gradient_accumulation_steps"] = int(trainer.grad_accum)
+    ds["train_batch_size"] = int(trainer.micro_batch_size) * int(trainer.grad_accum) * world_size
+    ds["gradient_clipping"] = float(trainer.grad_clip)
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": float(trainer.lr),
+            "betas": [float(b) for b in trainer.adam_betas],
+            "eps": 1e-8,
+            "weight_decay": float(trainer.weight_decay),
+        },
+    }
+    ds["bf16"] = {"enabled": model_dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": model_dtype == torch.float16}
+    ds.setdefault("steps_per_print", 10**9)  # the engine logs; keep DeepSpeed's own printing quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

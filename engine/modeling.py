@@ -1,0 +1,106 @@
+"""Loading the policy: any Hugging Face causal LM by path or hub id, or a tiny Llama from code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` -> bfloat16 on a GPU that supports it, else float32 (CPU); or an explicit name."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; valid: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token one (its EOS, else UNK): padding is masked anyway."""
+    if tokenizer.pad_token_id is not None:
+        return
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            return
+    raise ValueError(
+        "the tokenizer has no pad, eos or unk token to pad with; set one "
+        "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and resize the model's embeddings"
+    )
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, tiny: dict[str, Any]) -> LlamaConfig:
+    """A small Llama config sized by ``tiny`` (hidden_size, num_layers, num_heads, ...)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=int(tiny["hidden_size"]),
+        intermediate_size=int(tiny["intermediate_size"]),
+        num_hidden_layers=int(tiny["num_layers"]),
+        num_attention_heads=int(tiny["num_heads"]),
+        num_key_value_heads=int(tiny.get("num_kv_heads") or tiny["num_heads"]),
+        max_position_embeddings=int(tiny["max_position_embeddings"]),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=bool(tiny.get("tie_word_embeddings", True)),
+    )
+
+
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``, or the task's (in code)."""
+    source = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+        )
+    else:
+        from engine.task.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model(
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
+    """The policy: ``AutoModelForCausalLM.from_pretrained(model.name_or_path)`` when set, else a
+    tiny Llama with random weights (seeded) built from ``model.tiny``."""
+    dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")))
+    if model_cfg.get("name_or_path"):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg["name_or_path"],
+            dtype=dtype,
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            attn_implementation=model_cfg.get("attn_implementation") or None,
+        )
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer, model_cfg["tiny"])).to(dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+            f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
+        )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,1 @@
+"""Sweep collectors, ablation tables, plots and benchmarks for the preference-loss zoo."""
