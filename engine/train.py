@@ -291,7 +291,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if dist_utils.is_main() and trainer.progress_bar:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        progress = tqdm(
+            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None
+        )
     kill_at = int(os.environ.get("ENGINE_TEST_SIGKILL_AT_STEP", "-1"))  # test hook: a real SIGKILL
     window_started = time.time()
     for step in range(start_step, total_steps):

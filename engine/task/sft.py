@@ -71,7 +71,7 @@ def train_sft(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="task: SFT", dynamic_ncols=True)
+        bar = tqdm(total=steps, desc="task: SFT", dynamic_ncols=True, disable=None)
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(examples, min(batch_size, len(examples)))
