@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install test test-fast lint format demo train clean
+.PHONY: install test test-fast lint format demo train reproduce clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -36,6 +36,12 @@ lint: $(STAMP)  ## ruff lint and format check
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+train: $(STAMP)  ## the main job: BPO (hinge x balanced) on the embedded math task (ARGS= for overrides)
+	$(BIN)/python -m engine.train loss=hinge margin=balanced $(ARGS)
+
+reproduce: $(STAMP)  ## the miniature ablation (36+3+18 runs, parallel) -> experiments/results/ablation/
+	$(BIN)/python -m experiments.reproduce $(ARGS)
 
 demo: $(STAMP)  ## a short tour of the loss zoo: every loss x margin cell on the same inputs
 	$(BIN)/python -m losses

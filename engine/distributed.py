@@ -2,13 +2,16 @@
 
 One process with no launcher works: :func:`init_distributed` fills in the rendezvous variables a
 launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before DeepSpeed reads
-them. Under ``torchrun`` or the ``deepspeed`` launcher they are already set and left alone.
+them; SLURM tasks get them from SLURM's variables. Under ``torchrun`` or the ``deepspeed``
+launcher they are already set and left alone.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from typing import Any
 
 import torch
@@ -21,14 +24,57 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _slurm_master(environ: dict[str, str]) -> str:
+    """The first host of a SLURM job (``scontrol`` expands compressed node lists)."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "")
+    if nodelist and shutil.which("scontrol"):
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False
+        )
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    if nodelist and not any(c in nodelist for c in "[,"):
+        return nodelist  # a single plain host name
+    return environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+
+
+def rendezvous_env(environ: dict[str, str]) -> dict[str, str]:
+    """The rendezvous variables to add to ``environ`` before the process group is created.
+
+    - a launcher (torchrun, deepspeed) already set ``WORLD_SIZE``: nothing to add;
+    - SLURM tasks (``srun``, submitit with ``tasks_per_node`` > 1): rank, local rank and world
+      size from ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_STEP_NUM_TASKS``, the first node as
+      master, a port derived from the job id (so array jobs sharing a node do not collide);
+    - otherwise a world of one on this host, on a free port.
+    """
+    if "WORLD_SIZE" in environ:
+        return {}
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only an srun step's tasks are peers (a batch script
+    # running one python in an --ntasks=8 allocation is a world of one)
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in environ:
+        job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        return {
+            "RANK": environ["SLURM_PROCID"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or _slurm_master(environ),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job % 20000),
+        }
+    return {
+        "RANK": environ.get("RANK", "0"),
+        "LOCAL_RANK": environ.get("LOCAL_RANK", "0"),
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(_free_port()),
+    }
+
+
 def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); idempotent."""
-    if "WORLD_SIZE" not in os.environ:  # no launcher: a world of one
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); idempotent.
+
+    Sets the rendezvous variables first when no launcher did (see :func:`rendezvous_env`).
+    """
+    os.environ.update(rendezvous_env(dict(os.environ)))
     if dist.is_available() and dist.is_initialized():
         return
     import deepspeed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,13 +63,27 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, tiny: dict[str, Any]) 
     )
 
 
-def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``, or the task's (in code)."""
-    source = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+def _check_local(key: str, source: str) -> None:
+    """A source written as a filesystem path must exist (hub ids look like ``org/name``)."""
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"{key}={source!r}: no such file or directory")
+
+
+def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``, or the task's (in code).
+
+    ``key`` names the config group in error messages (``model``, ``reference``).
+    """
+    field = "tokenizer" if model_cfg.get("tokenizer") else "name_or_path"
+    source = model_cfg.get(field)
     if source:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
-        )
+        _check_local(f"{key}.{field}", str(source))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+            )
+        except OSError as error:
+            raise OSError(f"{key}.{field}={source!r}: cannot load a tokenizer: {error}") from None
     else:
         from engine.task.tokenizer import build_tokenizer
 
@@ -78,18 +93,23 @@ def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int = 0, key: str = "model"
 ) -> PreTrainedModel:
     """The policy: ``AutoModelForCausalLM.from_pretrained(model.name_or_path)`` when set, else a
     tiny Llama with random weights (seeded) built from ``model.tiny``."""
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")))
     if model_cfg.get("name_or_path"):
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg["name_or_path"],
-            dtype=dtype,
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-            attn_implementation=model_cfg.get("attn_implementation") or None,
-        )
+        source = str(model_cfg["name_or_path"])
+        _check_local(f"{key}.name_or_path", source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+                attn_implementation=model_cfg.get("attn_implementation") or None,
+            )
+        except OSError as error:
+            raise OSError(f"{key}.name_or_path={source!r}: cannot load a model: {error}") from None
     else:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(tokenizer, model_cfg["tiny"])).to(dtype)

@@ -192,6 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     micro = int(trainer.micro_batch_size)
     pad_id = int(tokenizer.pad_token_id)
     ckpt_dir = run_dir / "checkpoints"
+    reference_cfg = cfg.get("reference") or {}
     resume_step = latest_complete_step(ckpt_dir) if trainer.get("resume") == "auto" else None
     if trainer.get("resume") not in (None, "auto"):
         raise ValueError(f"trainer.resume must be null or 'auto', got {trainer.resume!r}")
@@ -202,12 +203,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_step is not None and ref_file.is_file():
         reference_scores, eval_reference = torch.load(ref_file, weights_only=False)
     else:
-        engine.eval()
-        reference_scores = score_pairs(forward, train_pairs, micro, pad_id, device)
-        eval_reference = (
-            score_pairs(forward, eval_pairs, micro, pad_id, device) if eval_pairs else None
-        )
-        engine.train()
+        ref_forward, ref_model = forward, None
+        if reference_cfg.get("name_or_path"):
+            ref_forward, ref_model = _separate_reference(
+                model_cfg, reference_cfg, tokenizer, trainer, device, int(cfg.seed)
+            )
+        if needs.needs_reference:
+            engine.eval()
+            reference_scores = score_pairs(ref_forward, train_pairs, micro, pad_id, device)
+            eval_reference = (
+                score_pairs(ref_forward, eval_pairs, micro, pad_id, device) if eval_pairs else None
+            )
+            engine.train()
+        else:  # reference-free objectives (simpo) ignore these: skip the scoring pass
+            reference_scores = _zero_scores(train_pairs)
+            eval_reference = _zero_scores(eval_pairs) if eval_pairs else None
+        del ref_forward, ref_model  # a separate reference is needed for this pass only
         if dist_utils.is_main():  # a resumed run must use the references of the *initial* policy
             tmp = ref_file.with_suffix(".tmp")
             torch.save((reference_scores, eval_reference), tmp)
@@ -374,6 +385,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _zero_scores(pairs: list[TokenizedPair]) -> PairScores:
+    """Placeholder reference scores for reference-free objectives (counts kept at 1)."""
+    zeros = torch.zeros(len(pairs))
+    ones = torch.ones(len(pairs), dtype=torch.long)
+    return PairScores(zeros, zeros.clone(), ones, ones.clone())
+
+
+def _separate_reference(
+    model_cfg: DictConfig,
+    reference_cfg: Any,
+    tokenizer: Any,
+    trainer: DictConfig,
+    device: torch.device,
+    seed: int,
+) -> tuple[Any, torch.nn.Module]:
+    """A frozen reference model (``reference.name_or_path``) and its scoring function.
+
+    It is scored with the policy's token ids, so it must share the policy's vocabulary.
+    """
+    ref_cfg = OmegaConf.merge(
+        model_cfg, {"name_or_path": str(reference_cfg["name_or_path"]), "tokenizer": None}
+    )
+    ref_tokenizer = load_tokenizer(ref_cfg, key="reference")
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"reference.name_or_path={reference_cfg['name_or_path']!r}: its tokenizer differs from "
+            "the policy's; a reference must score the same token ids"
+        )
+    ref_model = load_model(ref_cfg, tokenizer, seed=seed, key="reference").to(device).eval()
+    ref_model.requires_grad_(False)
+    scorer = SequenceLogProbs(ref_model, chunk_size=int(trainer.logit_chunk_size)).eval()
+
+    def ref_forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return scorer(batch.input_ids, batch.attention_mask, batch.response_mask)
+
+    return ref_forward, ref_model
+
+
 def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_steps: int) -> Any:
     """Linear warmup over ``warmup_ratio`` of the steps, then constant, linear or cosine decay."""
     warmup = round(float(trainer.warmup_ratio) * total_steps)
@@ -417,6 +466,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 def _hydra_main() -> None:
     import hydra
 
+    # the deepspeed launcher appends --local_rank=N (Hydra would reject it); LOCAL_RANK says it too
+    for arg in list(sys.argv[1:]):
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
     # ranks other than 0 must not create run directories of their own: rank 0's is broadcast
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [
