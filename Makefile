@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 ARGS ?=
+# the venv's tools first (its ninja builds DeepSpeed's CPU ops; mixing ninja versions forces
+# rebuilds) and a per-venv cache of those ops
+export PATH := $(abspath $(BIN)):$(PATH)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install test test-fast lint format demo train reproduce clean
 .DEFAULT_GOAL := help

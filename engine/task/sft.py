@@ -54,7 +54,8 @@ def train_sft(
     """Train ``model`` in place on correct solutions; leave it at the chosen checkpoint.
 
     The chosen checkpoint is the first evaluated one inside ``band``; if none is (the accuracy
-    jumped over the band, or never reached it), the evaluated checkpoint closest to the band.
+    jumped over the band, or never reached it), the evaluated checkpoint closest to the band (of
+    equally close ones below the band, the latest; above it, the earliest).
     Returns a summary: the chosen step, its validation accuracy, and the accuracy history.
     """
     low, high = band
@@ -98,7 +99,8 @@ def train_sft(
             distance = (
                 0.0 if low <= accuracy <= high else min(abs(accuracy - low), abs(accuracy - high))
             )
-            if best is None or distance < best[0]:
+            # equally close below the band: keep the later (more trained) checkpoint
+            if best is None or distance < best[0] or (distance == best[0] and accuracy < low):
                 best = (distance, step, copy.deepcopy(model.state_dict()))
             if distance == 0.0:
                 break

@@ -1,0 +1,94 @@
+"""Two processes under torchrun train exactly what one process trains on the same global batch.
+
+``torchrun --standalone --nproc_per_node 2`` with ZeRO-2 and ZeRO-3 and two pairs per rank, against
+one process with four pairs per micro batch: the sampler gives rank r its slice of the same global
+batch, gradients are averaged over ranks, and logged sums are all-reduced, so every train/* and
+eval/* value agrees up to float reassociation. Only rank 0 writes: one run directory, chosen by
+rank 0 (Hydra's default ``outputs/<date>/<time>``) and shared with rank 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 3
+RTOL = 1e-4
+ATOL = 1e-6  # for values that are 0 up to float noise (rewards at step 1 are exactly 0)
+
+
+def overrides(pair_files, micro_batch_size: int, stage: str) -> list[str]:
+    return [
+        "model=tiny",
+        "data=files",
+        f"data.train={pair_files.train}",
+        f"data.eval={pair_files.eval}",
+        f"deepspeed={stage}",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.micro_batch_size={micro_batch_size}",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.progress_bar=false",
+        "trainer.tensorboard=false",
+        "trainer.threads=1",
+    ]
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The one run directory Hydra created under ``cwd/outputs``; nothing else was written."""
+    run_dirs = sorted(p.parent for p in cwd.rglob("metrics.jsonl"))
+    assert len(run_dirs) == 1, f"expected one run directory, found {run_dirs}"
+    run_dir = run_dirs[0]
+    assert run_dir.relative_to(cwd).parts[0] == "outputs"
+    strays = [p for p in cwd.rglob("*") if p.is_file() and run_dir not in p.parents]
+    assert not strays, f"files written outside the run directory: {strays}"
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, pair_files, cli):
+    cwd = tmp_path_factory.mktemp("one_process")
+    proc = cli.run(overrides(pair_files, 4, "zero2"), cwd=cwd)
+    assert proc.returncode == 0, cli.describe(proc)
+    run_dir = only_run_dir(cwd)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 1
+    return run_dir, results
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_match_one(tmp_path, pair_files, cli, metrics_match, one_process, stage):
+    expected_dir, expected = one_process
+    proc = cli.run(overrides(pair_files, 2, stage), cwd=tmp_path, nproc=2)
+    assert proc.returncode == 0, cli.describe(proc)
+
+    run_dir = only_run_dir(tmp_path)  # rank 1 created no directory of its own
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["steps"] == STEPS
+    assert results["data"]["train"]["pairs"] == 16 and results["data"]["eval"]["pairs"] == 5
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 2, 3, 3]  # train 1, train + eval 2, train + eval 3
+    assert all("train/grad_norm" in r for r in rows if "train/loss" in r)
+
+    metrics_match.rows(rows, read_metrics(expected_dir), rtol=RTOL, atol=ATOL)
+    metrics_match.results(results, expected, rtol=RTOL, atol=ATOL)
+    assert rows[0]["train/chosen_reward"] == 0.0 and rows[-2]["train/chosen_reward"] != 0.0
+
+    # the exported model: gathered from both ranks' shards under ZeRO-3, and the same model
+    exported = load_file(run_dir / "final_model" / "model.safetensors")
+    reference = load_file(expected_dir / "final_model" / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert tensor.shape == exported[name].shape, name
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=5e-5)
