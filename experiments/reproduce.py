@@ -54,6 +54,25 @@ def _memory_gib() -> float | None:
     return None
 
 
+def git_revision() -> str | None:
+    """The commit the code ran at, with ``-dirty`` when the working tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, memory, OS, Python and package versions."""
     versions = {}
@@ -114,7 +133,8 @@ def _provenance_markdown(p: dict[str, Any]) -> str:
         "",
         "## Provenance",
         "",
-        f"- Command: `{p['command']}` (`make reproduce`), {p['date_utc']}",
+        f"- Command: `{p['command']}` (`make reproduce`), {p['date_utc']}, "
+        f"code at `{p['git_revision']}`",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
         f"GPU: {m['gpu'] or 'none'}; {m['os']}; Python {m['python']}",
         f"- Versions: {versions}",
