@@ -11,7 +11,7 @@ ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install test test-fast lint format demo train reproduce clean
+.PHONY: install test test-fast lint format demo train reproduce bench clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -46,6 +46,10 @@ train: $(STAMP)  ## the main job: BPO (hinge x balanced) on the embedded math ta
 
 reproduce: $(STAMP)  ## the miniature ablation (36+3+18 runs, parallel) -> experiments/results/ablation/
 	$(BIN)/python -m experiments.reproduce $(ARGS)
+
+bench: $(STAMP)  ## ours vs TRL's DPOTrainer + speed switches on/off (~10-15 min) -> experiments/results/bench.md
+	$(PIP) install -c constraints.txt -e '.[bench]'
+	$(BIN)/python -m experiments.bench $(ARGS)
 
 demo: $(STAMP)  ## a short tour of the loss zoo: every loss x margin cell on the same inputs
 	$(BIN)/python -m losses

@@ -4,30 +4,47 @@ Order: each epoch is a permutation of the pairs drawn from ``seed + epoch``; a g
 ``micro_batch_size * world_size * grad_accum`` pairs is cut from it in order, and within each
 micro step rank r takes its own ``micro_batch_size`` slice. The position is a pure function of the
 step, so a resumed run sees exactly the pairs an uninterrupted one would, and N processes see the
-same global batches as one process with N times the micro batch.
+same global batches as one process with N times the micro batch. Length grouping
+(``trainer.length_grouping``) reorders each epoch's permutation within mega-batches so that micro
+batches hold pairs of similar length, keeping all of these properties (:class:`StepSampler`).
+
+Layouts: :func:`collate_pairs` builds the plain layout itself (two right-padded rows per pair);
+prefix sharing and padding-free packing are :mod:`engine.packing`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from engine.data import TokenizedPair
+    from engine.packing import PairLayout
 
 
 @dataclass(frozen=True)
 class PairBatch:
-    """A micro batch of B pairs as one concatenated forward: rows 0..B-1 are prompt + chosen,
-    rows B..2B-1 are prompt + rejected. Tensors are (2B, T), right-padded."""
+    """A micro batch of B pairs as one forward pass whose output is 2B sequence log-probs:
+    sequences 0..B-1 are the chosen responses, B..2B-1 the rejected ones.
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
+    In the plain layout (:func:`collate_pairs` without a layout) the rows are those sequences,
+    prompt + response, right-padded: (2B, T) tensors, ``response_mask`` marking the scored tokens.
+    Other layouts (:mod:`engine.packing`: prefix sharing, padding-free packing) arrange the tokens
+    differently and list the scored tokens explicitly in ``score_*`` instead.
+    """
+
+    input_ids: torch.Tensor  # (rows, T)
+    attention_mask: torch.Tensor | None  # (rows, T) padding mask, (rows, 1, T, T) bool, or None
+    response_mask: torch.Tensor | None  # (rows, T), plain layout only
     indices: torch.Tensor  # (B,) pair indices into the dataset (for reference log-prob lookup)
+    position_ids: torch.Tensor | None = None  # (rows, T); None: 0, 1, ... in every row
+    score_positions: torch.Tensor | None = None  # (M,) flat index into rows * T: the predictor
+    score_targets: torch.Tensor | None = None  # (M,) the token it predicts
+    score_sequences: torch.Tensor | None = None  # (M,) which of the 2B sequences it belongs to
+    attention_blocks: tuple | None = None  # engine.packing blocks (block_attention=segments)
 
     @property
     def num_pairs(self) -> int:
@@ -37,11 +54,30 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         """The same batch on ``device``."""
         return PairBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.response_mask.to(device),
-            self.indices.to(device),
+            *(
+                value.to(device) if isinstance(value, torch.Tensor) else value
+                for value in (getattr(self, f.name) for f in fields(self))
+            )
         )
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`engine.logprobs.SequenceLogProbs` for this batch."""
+        inputs: dict[str, Any] = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "response_mask": self.response_mask,
+        }
+        if self.response_mask is None:
+            inputs.update(
+                position_ids=self.position_ids,
+                score_positions=self.score_positions,
+                score_targets=self.score_targets,
+                score_sequences=self.score_sequences,
+                num_sequences=2 * self.num_pairs,
+            )
+            if self.attention_blocks is not None:
+                inputs["attention_blocks"] = self.attention_blocks
+        return inputs
 
 
 def collate_sequences(
@@ -61,8 +97,19 @@ def collate_sequences(
     return input_ids, attention_mask, response_mask
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int) -> PairBatch:
-    """Stack pairs into one :class:`PairBatch` (chosen rows first, then rejected rows)."""
+def collate_pairs(
+    pairs: Sequence[TokenizedPair],
+    indices: Sequence[int],
+    pad_id: int,
+    layout: PairLayout | None = None,
+) -> PairBatch:
+    """Stack pairs into one :class:`PairBatch`: in the plain layout (``layout`` None or plain),
+    chosen rows first, then rejected rows; else as :func:`engine.packing.collate_layout` lays
+    them out."""
+    if layout is not None and not layout.plain:
+        from engine.packing import collate_layout
+
+        return collate_layout(pairs, indices, pad_id, layout)
     prompts = [p.prompt_ids for p in pairs] * 2
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     input_ids, attention_mask, response_mask = collate_sequences(prompts, responses, pad_id)
@@ -80,10 +127,26 @@ class StepSampler:
         grad_accum: micro steps per optimizer step.
         world_size: number of ranks.
         seed: base seed of the per-epoch permutations.
+        lengths: per-pair lengths for length grouping (None: no grouping). Each epoch's
+            permutation (its first ``steps_per_epoch`` global batches, the pairs the plain order
+            uses) is cut into mega-batches of ``megabatch`` global batches; each mega-batch is
+            sorted by length, longest first (ties keep the shuffled order), cut into global
+            batches, and those are shuffled. Micro batches, consecutive slices of a global batch,
+            then hold pairs of similar length (less padding), while each epoch still sees every
+            pair of the plain order once. A pure function of (seed, epoch, global batch size):
+            resumable, and the same global batches for any world size.
+        megabatch: global batches per mega-batch (grouping is local to the shuffled order).
     """
 
     def __init__(
-        self, num_items: int, micro_batch_size: int, grad_accum: int, world_size: int, seed: int
+        self,
+        num_items: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        megabatch: int = 64,
     ) -> None:
         self.num_items = num_items
         self.micro_batch_size = micro_batch_size
@@ -97,6 +160,12 @@ class StepSampler:
                 f"{self.global_batch} (micro_batch_size {micro_batch_size} x grad_accum "
                 f"{grad_accum} x world_size {world_size}); use smaller batches or more data"
             )
+        if lengths is not None and len(lengths) != num_items:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_items} pairs")
+        if megabatch < 1:
+            raise ValueError(f"megabatch must be >= 1, got {megabatch}")
+        self.lengths = None if lengths is None else torch.tensor(list(lengths), dtype=torch.long)
+        self.megabatch = megabatch
         self.steps_per_epoch = num_items // self.global_batch
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
@@ -104,9 +173,24 @@ class StepSampler:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = torch.randperm(self.num_items, generator=generator)
+            perm = torch.randperm(self.num_items, generator=generator)
+            if self.lengths is not None:
+                perm = self._group_by_length(perm, generator)
+            self._perm = perm
             self._epoch = epoch
         return self._perm
+
+    def _group_by_length(self, perm: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        used = perm[: self.steps_per_epoch * self.global_batch]
+        span = self.megabatch * self.global_batch
+        grouped = []
+        for start in range(0, len(used), span):
+            mega = used[start : start + span]
+            order = torch.sort(self.lengths[mega], descending=True, stable=True).indices
+            batches = mega[order].reshape(-1, self.global_batch)
+            batches = batches[torch.randperm(batches.shape[0], generator=generator)]
+            grouped.append(batches.reshape(-1))
+        return torch.cat(grouped)
 
     def indices(self, step: int, micro_step: int, rank: int) -> list[int]:
         """Pair indices for ``rank`` at optimizer step ``step`` (0-based), micro step
@@ -118,6 +202,28 @@ class StepSampler:
             + rank * self.micro_batch_size
         )
         return self._permutation(epoch)[start : start + self.micro_batch_size].tolist()
+
+
+def step_sampler(
+    pairs: Sequence[TokenizedPair], trainer: Any, world_size: int, seed: int
+) -> StepSampler:
+    """The training order ``trainer`` (the ``trainer`` config group) asks for: length-grouped by
+    the pairs' lengths in the configured layout when ``trainer.length_grouping`` is set."""
+    lengths = None
+    if trainer.get("length_grouping", False):
+        from engine.packing import PairLayout, pair_length
+
+        layout = PairLayout.from_config(trainer)
+        lengths = [pair_length(pair, layout) for pair in pairs]
+    return StepSampler(
+        len(pairs),
+        int(trainer.micro_batch_size),
+        int(trainer.grad_accum),
+        world_size,
+        seed,
+        lengths=lengths,
+        megabatch=int(trainer.get("length_grouping_megabatch", 64)),
+    )
 
 
 def shard_evenly(num_items: int, rank: int, world_size: int) -> list[int]:

@@ -1,11 +1,12 @@
 """Sequence log-probabilities of response tokens, without a (batch, length, vocab) log-softmax.
 
 The policy is wrapped in :class:`SequenceLogProbs`, the module handed to DeepSpeed: its forward runs
-the transformer body once over the whole (concatenated chosen + rejected) batch, keeps the hidden
-states only at positions that predict a response token, and applies the LM head to those in chunks
-of ``chunk_size`` tokens. Each chunk's logits are recomputed in the backward pass (activation
-checkpointing) instead of stored, so peak memory holds one (chunk, vocab) float32 block rather than
-(batch, length, vocab).
+the transformer body once over the whole batch (any layout of :mod:`engine.packing`), keeps the
+hidden states only at positions that predict a response token, and applies the LM head to those in
+chunks of ``chunk_size`` tokens (:class:`ChunkedTokenLogProbs`): prompt and padding positions never
+reach the head, and no (batch, length, vocab) tensor exists. Each chunk's softmax is kept for the
+backward pass while it fits in ``keep_mb`` (saving a recomputation of the head's matmul), and
+recomputed after that, so memory stays bounded whatever the batch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
@@ -22,13 +24,111 @@ def _token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """log p(target) under ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time.
+
+    Forward, per chunk: the (chunk, vocab) float32 logits, their logsumexp, the target's logit;
+    then the logits buffer is turned into the softmax in place and kept for backward while the
+    kept chunks stay within ``keep_bytes`` (else only the logsumexp is kept and backward
+    recomputes that chunk's logits). Backward, per chunk: d log p_t / d z = onehot(t) - softmax,
+    formed in place in the same buffer, then two matmuls. Fewer passes over (chunk, vocab) than
+    autograd through ``log_softmax`` + ``gather`` and, for kept chunks, one matmul less than
+    activation checkpointing; the values are the same to float rounding.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+        keep_bytes: int,
+    ) -> torch.Tensor:
+        rows = hidden.shape[0]
+        logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        logsumexp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        kept: list[torch.Tensor | None] = []  # per chunk: its softmax, or None (recompute)
+        budget = keep_bytes
+        for start in range(0, rows, chunk_size):
+            end = min(start + chunk_size, rows)
+            logits = F.linear(hidden[start:end], weight, bias).float()  # (chunk, vocab)
+            target = logits.gather(1, targets[start:end, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: one (chunk, vocab) buffer in all
+            total = probs.sum(dim=1, keepdim=True)
+            logsumexp[start:end] = (peak + total.log()).squeeze(1)
+            logps[start:end] = target - logsumexp[start:end]
+            size = probs.numel() * probs.element_size()
+            keep = budget >= size
+            budget -= size if keep else 0
+            kept.append(probs.div_(total) if keep else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.kept = kept
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps: torch.Tensor):  # type: ignore[override]
+        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        # kept softmaxes are consumed (turned into gradients in place): a second backward
+        # (retain_graph=True) recomputes every chunk
+        kept = ctx.kept or [None] * -(-hidden.shape[0] // chunk_size)
+        ctx.kept = None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # the weight gradient sums over every chunk: accumulate in float32 whatever the dtype
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for i, start in enumerate(range(0, hidden.shape[0], chunk_size)):
+            end = min(start + chunk_size, hidden.shape[0])
+            h, g = hidden[start:end], grad_logps[start:end].float()
+            grad = kept[i]
+            kept[i] = None  # free each kept chunk as soon as it is used
+            if grad is None:  # recompute the softmax of this chunk
+                grad = F.linear(h, weight, bias).float().sub_(logsumexp[start:end, None]).exp_()
+            grad.mul_(-g[:, None])  # d/dz of g * (z_t - logsumexp(z)) = g * (onehot(t) - softmax)
+            grad[torch.arange(end - start, device=grad.device), targets[start:end]] += g
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+            if grad_weight is not None and grad.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), h)
+            elif grad_weight is not None:
+                grad_weight += (grad.t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad.sum(dim=0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
 def token_logps(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    keep_mb: float = 0.0,
 ) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` (M, H) under ``head``, computed ``chunk_size`` rows
-    at a time; returns (M,) float32. Chunks are recomputed in backward when grads are needed."""
+    at a time; returns (M,) float32.
+
+    With grads, up to ``keep_mb`` MiB of the chunks' float32 softmax is kept for backward and the
+    rest recomputed there (:class:`ChunkedTokenLogProbs`). A head that is not a plain
+    ``nn.Linear``, or whose weight ZeRO-3 partitions (it is gathered only inside the module's own
+    forward), goes through the module under activation checkpointing instead.
+    """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    if isinstance(head, nn.Linear) and getattr(head.weight, "ds_id", None) is None:
+        grads = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        keep_bytes = int(keep_mb * 2**20) if grads else 0
+        return ChunkedTokenLogProbs.apply(
+            hidden, head.weight, head.bias, targets, chunk_size, keep_bytes
+        )
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
@@ -44,47 +144,111 @@ class SequenceLogProbs(nn.Module):
 
     Args:
         model: a Hugging Face causal LM (``base_model`` + ``get_output_embeddings()``).
-        chunk_size: tokens per LM-head chunk (memory vs. speed; 1024 is a good default).
+        chunk_size: tokens per LM-head chunk.
+        keep_mb: MiB of float32 softmax chunks kept from forward to backward (beyond it, chunks
+            are recomputed; 0: always recompute, the least memory).
+        chunked: True: the LM head and log-softmax run only at scored positions, in chunks
+            (above). False: the naive path, a full (rows, T, vocab) float32 log-softmax over
+            every position; kept to measure what the chunked head saves.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(
+        self, model: nn.Module, chunk_size: int = 1024, keep_mb: float = 0.0, chunked: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.keep_mb = keep_mb
+        self.chunked = chunked
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        response_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        response_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        score_positions: torch.Tensor | None = None,
+        score_targets: torch.Tensor | None = None,
+        score_sequences: torch.Tensor | None = None,
+        num_sequences: int | None = None,
+        attention_blocks: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of log p over response tokens, and their count, for each sequence.
 
+        The plain layout passes ``response_mask`` (one sequence per row); other layouts
+        (:mod:`engine.packing`) pass the scored tokens explicitly instead.
+
         Args:
-            input_ids: (N, T) token ids, right-padded.
-            attention_mask: (N, T) 1 for real tokens.
-            response_mask: (N, T) 1 where the token is a response token (scored).
-            position_ids: (N, T) optional positions (for packed sequences).
+            input_ids: (N, T) token ids.
+            attention_mask: (N, T) 1 for real tokens, a (N, 1, T, T) bool mask, or None.
+            response_mask: (N, T) 1 where the token is a response token (scored); one sequence
+                per row. None when the ``score_*`` arguments are given.
+            position_ids: (N, T) optional positions (packed or prefix-shared sequences).
+            score_positions: (M,) flat index into N * T of the hidden state predicting each
+                scored token.
+            score_targets: (M,) the scored tokens.
+            score_sequences: (M,) the sequence (0 .. num_sequences - 1) each belongs to.
+            num_sequences: S, the number of sequences.
+            attention_blocks: :mod:`engine.packing` blocks for segment-wise attention.
 
         Returns:
-            ``(logps, counts)``: (N,) float32 summed log-probs and (N,) response token counts.
+            ``(logps, counts)``: (S,) float32 summed log-probs and (S,) response token counts,
+            S = N in the plain layout.
         """
         body = self.model.base_model
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # no KV cache: training needs none, and with one transformers ignores packed position ids
+        kwargs: dict = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if attention_blocks is not None:
+            from engine.packing import ensure_block_attention
+
+            ensure_block_attention(self.model)
+            kwargs["attention_blocks"] = attention_blocks
+        elif (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and attention_mask.dtype == torch.bool
+            and self.model.config._attn_implementation == "eager"
+        ):  # eager attention adds its mask: make it additive
+            kwargs["attention_mask"] = torch.zeros(
+                attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device
+            ).masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
         hidden = body(**kwargs).last_hidden_state  # (N, T, H)
-        # the hidden state at t predicts token t + 1: keep positions whose next token is scored
-        scored = response_mask[:, 1:].bool()
-        selected = hidden[:, :-1][scored]  # (M, H), M = scored tokens in the batch
-        targets = input_ids[:, 1:][scored]
-        logps = token_logps(selected, self.model.get_output_embeddings(), targets, self.chunk_size)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        row_of_token = rows.unsqueeze(1).expand_as(scored)[scored]
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        sums = sums.index_add(0, row_of_token, logps)
-        return sums, scored.sum(dim=1)
+        if response_mask is not None:  # plain layout: rows are sequences
+            # the hidden state at t predicts token t + 1: keep positions whose next token is scored
+            scored = response_mask[:, 1:].bool()
+            width = input_ids.shape[1]
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            row_of_token = rows.unsqueeze(1).expand_as(scored)[scored]
+            cols = torch.arange(width - 1, device=input_ids.device).expand_as(scored)[scored]
+            score_positions = row_of_token * width + cols
+            score_targets = input_ids[:, 1:][scored]
+            score_sequences = row_of_token
+            num_sequences = input_ids.shape[0]
+        if score_positions is None or score_targets is None or score_sequences is None:
+            raise ValueError(
+                "pass response_mask, or score_positions, score_targets, score_sequences"
+            )
+        if num_sequences is None:
+            raise ValueError("num_sequences is required with score_positions")
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        if self.chunked:
+            selected = flat.index_select(0, score_positions)  # (M, H), M = scored tokens
+            logps = token_logps(selected, head, score_targets, self.chunk_size, self.keep_mb)
+        else:  # naive: materializes rows x T x vocab float32 log-probs
+            all_logps = F.log_softmax(head(flat).float(), dim=-1)
+            logps = all_logps[score_positions, score_targets]
+        sums = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+        sums = sums.index_add(0, score_sequences, logps)
+        counts = torch.bincount(score_sequences, minlength=num_sequences)
+        return sums, counts
 
 
 def reference_token_logps(

@@ -7,6 +7,7 @@ flat function around ``deepspeed.initialize`` / ``engine.backward`` / ``engine.s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as dist_utils
-from engine.batching import PairBatch, StepSampler, collate_pairs
+from engine.batching import PairBatch, collate_pairs, step_sampler
 from engine.checkpoint import (
     atomic_write_json,
     export_hf_model,
@@ -32,6 +33,7 @@ from engine.config import build_deepspeed_config, build_objective, validate_conf
 from engine.data import TokenizedPair, load_pairs
 from engine.logprobs import SequenceLogProbs
 from engine.modeling import load_model, load_tokenizer
+from engine.packing import PairLayout
 from engine.scoring import PairScores, score_pairs
 from engine.tracking import MetricsLogger
 
@@ -131,6 +133,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from engine.task.pipeline import prepare_math_task
 
         task = prepare_math_task(cfg)
+        made = json.loads((task.root / "summary.json").read_text())["pairs"]
+        if not made["train"]["pairs"]:
+            raise RuntimeError(
+                f"the math task cached in {task.root} has no train pairs: no prompt had both a "
+                "correct and a wrong answer among its samples (SFT held-out accuracy "
+                f"{task.sft_summary['accuracy']:.3f}, in band: {task.sft_summary['in_band']}); "
+                "change data.sft.* / data.problems.* so the SFT model lands in "
+                "data.sft.accuracy_band, or raise data.problems.pair_prompts"
+            )
         model_cfg = OmegaConf.merge(model_cfg, {"name_or_path": str(task.model_dir)})
         data_cfg = OmegaConf.merge(
             data_cfg, {"train": str(task.train_file), "eval": str(task.eval_file)}
@@ -155,15 +166,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **pair_options,
         )
     model = load_model(model_cfg, tokenizer, seed=int(cfg.seed))
-    policy = SequenceLogProbs(model, chunk_size=int(trainer.logit_chunk_size))
-
-    sampler = StepSampler(
-        len(train_pairs),
-        int(trainer.micro_batch_size),
-        int(trainer.grad_accum),
-        world,
-        int(cfg.seed),
+    policy = SequenceLogProbs(
+        model,
+        chunk_size=int(trainer.logit_chunk_size),
+        keep_mb=float(trainer.get("logit_keep_mb", 0)),
+        chunked=bool(trainer.get("chunked_logprobs", True)),
     )
+    layout = PairLayout.from_config(trainer)  # prefix sharing / padding-free packing
+    sampler = step_sampler(train_pairs, trainer, world, int(cfg.seed))
     total_steps = (
         int(trainer.max_steps)
         if trainer.get("max_steps")
@@ -185,7 +195,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return engine(**batch.model_inputs())
 
     # ---- reference log-probs, once, before any update -------------------------------------------
     # from the initial policy itself: no second model in memory (trainer.reference=precompute)
@@ -224,10 +234,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.save((reference_scores, eval_reference), tmp)
             os.replace(tmp, ref_file)
 
+    window = torch.zeros(len(_SUMS), dtype=torch.float64)  # sums since the last log step
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
     start_step = 0
     if resume_step is not None:
         client = load_checkpoint(engine, ckpt_dir, resume_step)
         start_step = int(client.get("step", resume_step))
+        # the interrupted run's metrics state: the unlogged window's global sums (restored on
+        # rank 0 only, since logging all-reduces them) and the last logged means (for results)
+        if client.get("window") is not None and dist_utils.is_main():
+            window += torch.tensor(client["window"], dtype=torch.float64)
+        last_train = dict(client.get("last_train") or {})
+        last_eval = dict(client.get("last_eval") or {})
     logger = (
         MetricsLogger(run_dir, resume_step=resume_step, tensorboard=bool(trainer.tensorboard))
         if dist_utils.is_main()
@@ -295,9 +314,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         int(trainer.eval_every),
         int(trainer.save_every),
     )
-    window = torch.zeros(len(_SUMS), dtype=torch.float64)
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
     progress = None
     if dist_utils.is_main() and trainer.progress_bar:
         from tqdm.auto import tqdm
@@ -311,7 +327,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
         for micro_step in range(grad_accum):
             indices = sampler.indices(step, micro_step, rank)
-            batch = collate_pairs([train_pairs[i] for i in indices], indices, pad_id).to(device)
+            batch = collate_pairs([train_pairs[i] for i in indices], indices, pad_id, layout)
+            batch = batch.to(device)
             out, stats = compute_objective(batch, reference_scores)
             engine.backward(out.losses.mean())
             engine.step()
@@ -347,8 +364,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if logger is not None and last_eval:
                 logger.log(done, last_eval)
         if (save_every and done % save_every == 0) or done == total_steps:
+            pending = dist_utils.all_reduce_sum(window.clone().to(device)).cpu()
+            client_state = {
+                "step": done,
+                "window": pending.tolist(),
+                "last_train": last_train,
+                "last_eval": last_eval,
+            }
             save_checkpoint(
-                engine, ckpt_dir, done, {"step": done}, keep=int(trainer.keep_checkpoints)
+                engine, ckpt_dir, done, client_state, keep=int(trainer.keep_checkpoints)
             )
         if done == kill_at:
             os.kill(os.getpid(), 9)
@@ -449,15 +473,26 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as error:
         if dist_utils.is_main():
             try:
-                run_dir = _resolve_run_dir(cfg) if dist_utils.world_size() == 1 else None
-                if run_dir is not None:
-                    atomic_write_json(
-                        run_dir / "failed.json",
-                        {
-                            "error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc(),
-                        },
+                # rank 0's own choice of directory (what _resolve_run_dir broadcasts), found
+                # without a collective: the other ranks may be dead or stuck
+                run_dir = cfg.get("output_dir")
+                if not run_dir:
+                    from hydra.core.hydra_config import HydraConfig
+
+                    run_dir = (
+                        HydraConfig.get().runtime.output_dir
+                        if HydraConfig.initialized()
+                        else "outputs/run"
                     )
+                path = Path(run_dir).resolve()
+                path.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(
+                    path / "failed.json",
+                    {
+                        "error": f"{type(error).__name__}: {error}",
+                        "traceback": traceback.format_exc(),
+                    },
+                )
             except Exception:  # reporting must never mask the real error
                 pass
         raise

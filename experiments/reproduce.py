@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
+    revision = git_revision()  # before the runs: the code they ran
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # the task's SFT model and pairs first, in one process: parallel jobs then only read the cache
     warm = [sys.executable, "-m", "experiments.prepare_task", *args.overrides]
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m experiments.reproduce " + shlex.join(argv or sys.argv[1:]),
         "sweep_commands": commands,
         "exit_statuses": statuses,
+        "git_revision": revision,
         "jobs": args.jobs,
         "threads_per_job": threads,
         "date_utc": date,

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.checkpoint import atomic_write_json
 from engine.data import write_jsonl
-from engine.task.arithmetic import Problem, generate_problems, split_problems, verify
+from engine.task.arithmetic import Problem, split_problems, verify
 from engine.task.generation import generate, greedy_accuracy
 
 log = logging.getLogger(__name__)

@@ -503,3 +503,16 @@ def test_a_user_model_is_refused(task_config) -> None:
     cfg = task_config("model=hf", "model.name_or_path=/some/model")
     with pytest.raises(ValueError, match="data=files"):
         prepare_math_task(cfg)
+
+
+def test_training_on_a_task_without_pairs_says_what_to_change(
+    task_config, cheap_task_overrides, tmp_path
+) -> None:
+    """The cheap budget's SFT model is always wrong, so its cached pair file is empty: training
+    stops before any model work with an error naming the cache entry and the keys to change."""
+    from engine.train import train
+
+    cfg = task_config(*cheap_task_overrides, f"output_dir={tmp_path / 'run'}")
+    with pytest.raises(RuntimeError, match="has no train pairs") as error:
+        train(cfg)
+    assert "data.sft" in str(error.value) and "preference-loss-zoo" in str(error.value)

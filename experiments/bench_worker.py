@@ -1,0 +1,213 @@
+"""One measurement of ``experiments.bench``, in its own process (so its peak RSS is its own):
+
+    python -m experiments.bench_worker SPEC.json RESULT.json
+
+``SPEC.json`` names the trainer (``ours``: ``engine.train.train`` on a composed Hydra config, the
+real loop on DeepSpeed; ``trl``: ``trl.DPOTrainer.train``), the model directory, the train file,
+the steps and the settings. ``RESULT.json`` gets the wall time of every optimizer step, the time
+of the reference log-prob pass (0 when there is none), and the process's peak memory.
+
+Step times, both sides alike: from the end of one optimizer step (after its logging) to the end
+of the next, so data collation, forward, backward, optimizer step and per-step bookkeeping all
+count. Ours reads them back from ``metrics.jsonl`` (``log_every=1``: pairs / pairs_per_second of
+each one-step window); TRL's come from a ``TrainerCallback``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def ours_overrides(spec: dict[str, Any]) -> list[str]:
+    """Hydra overrides of a bench run of ``engine.train``: the shared settings, then the
+    variant's own ``overrides``."""
+    return [
+        "model=hf",
+        f"model.name_or_path={spec['model_dir']}",
+        f"model.dtype={spec['dtype']}",
+        "data=files",
+        f"data.train={spec['train_file']}",
+        "data.eval=null",
+        f"data.max_length={spec['max_length']}",
+        "data.max_prompt_length=null",
+        "deepspeed=zero0",
+        "loss=logistic",
+        "margin=difference",
+        f"beta={spec['beta']}",
+        f"seed={spec['seed']}",
+        f"output_dir={spec['run_dir']}",
+        f"trainer.max_steps={spec['steps']}",
+        f"trainer.micro_batch_size={spec['micro_batch']}",
+        "trainer.grad_accum=1",
+        f"trainer.lr={spec['lr']}",
+        "trainer.lr_schedule=constant",
+        "trainer.warmup_ratio=0.0",
+        "trainer.weight_decay=0.0",
+        "trainer.grad_clip=1.0",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.progress_bar=false",
+        "trainer.tensorboard=false",
+        "trainer.export=false",
+        *spec.get("overrides", []),
+    ]
+
+
+def compose_ours(overrides: list[str]) -> Any:
+    """The composed config of ``engine.train`` for ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train with ``engine.train.train`` and read the step times back from its metrics."""
+    import engine.train as train_module
+    from engine.tracking import read_metrics
+
+    reference_seconds = 0.0
+    score_pairs = train_module.score_pairs
+
+    def timed_score_pairs(*args: Any, **kwargs: Any) -> Any:  # measures, then calls through
+        nonlocal reference_seconds
+        start = time.perf_counter()
+        try:
+            return score_pairs(*args, **kwargs)
+        finally:
+            reference_seconds += time.perf_counter() - start
+
+    train_module.score_pairs = timed_score_pairs
+    cfg = compose_ours(ours_overrides(spec))
+    train_module.train(cfg)
+    rows = read_metrics(Path(spec["run_dir"]) / "metrics.jsonl")
+    seconds = [
+        spec["micro_batch"] / row["train/pairs_per_second"]
+        for row in rows
+        if row.get("train/pairs_per_second")
+    ]
+    return {"step_seconds": seconds, "reference_seconds": reference_seconds}
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train with ``trl.DPOTrainer.train`` on the same pairs, in the same order."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.marks:
+                self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
+
+    reference_seconds = 0.0
+
+    class TimedDPOTrainer(DPOTrainer):  # measures the reference pass, changes nothing
+        def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal reference_seconds
+            start = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                reference_seconds += time.perf_counter() - start
+
+    rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
+    settings = {
+        "output_dir": spec["run_dir"],
+        "per_device_train_batch_size": spec["micro_batch"],
+        "gradient_accumulation_steps": 1,
+        "max_steps": spec["steps"],
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "beta": spec["beta"],
+        "loss_type": ["sigmoid"],
+        "max_length": spec["max_length"],
+        "bf16": spec["dtype"] == "bfloat16",
+        "fp16": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": spec["seed"],
+        # the file is already in the engine's training order: both see the same micro batches
+        "train_sampling_strategy": "sequential",
+        "model_init_kwargs": {"dtype": "float32"},
+        **spec.get("trl", {}),
+    }
+    timer = StepTimes()
+    trainer = TimedDPOTrainer(
+        model=spec["model_dir"],
+        args=DPOConfig(**settings),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
+        callbacks=[timer],
+    )
+    trainer.train()
+    marks = timer.marks
+    model = trainer.model
+    return {
+        "step_seconds": [b - a for a, b in itertools.pairwise(marks)],
+        "reference_seconds": reference_seconds,
+        # what TRL actually ran with, for the report
+        "trl_state": {
+            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+            "reference_model": trainer.ref_model is not None,
+            "precompute_ref_log_probs": bool(trainer.precompute_ref_logps),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "autocast_bf16": bool(trainer.args.bf16),
+            "optimizer": type(trainer.optimizer.optimizer).__name__
+            if hasattr(trainer.optimizer, "optimizer")
+            else type(trainer.optimizer).__name__,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    started = time.perf_counter()
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["threads"]))
+    result = run_ours(spec) if spec["kind"] == "ours" else run_trl(spec)
+    result.update(_peak_memory_mb())
+    result["wall_seconds"] = time.perf_counter() - started
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

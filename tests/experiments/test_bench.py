@@ -1,0 +1,183 @@
+"""The benchmark harness's logic, without running a benchmark: data, tokenization, order, FLOPs,
+the statistics and the report (``experiments/bench*.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import bench, bench_setup
+from experiments.bench_report import Measurement, render_report, summarize, targets
+from experiments.bench_setup import EOS_ID, ModelSize, PairSpec
+
+TINY = ModelSize(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, vocab_size=50)
+
+
+def test_synthetic_pairs_are_seeded_and_in_range():
+    spec = PairSpec(prompt=(3, 9), response=(2, 6), seed=4)
+    pairs = bench_setup.synthetic_pairs(40, spec, vocab_size=50)
+    assert pairs == bench_setup.synthetic_pairs(40, spec, vocab_size=50)
+    assert pairs != bench_setup.synthetic_pairs(40, PairSpec((3, 9), (2, 6), seed=5), 50)
+    for pair in pairs:
+        assert 3 <= len(pair["prompt"]) <= 9
+        for key in ("chosen", "rejected"):
+            assert pair[key][-1] == EOS_ID and 2 <= len(pair[key]) <= 7
+            assert all(4 <= t < 50 for t in pair[key][:-1])
+        assert pair["chosen"] != pair["rejected"]
+
+
+def test_text_rows_tokenize_back_to_the_ids_for_both_trainers(tmp_path):
+    """Ours reads the JSONL with engine.data.load_pairs; TRL tokenizes prompt + response + EOS
+    and splits at the prompt: both must give the synthetic ids."""
+    from engine.data import load_pairs
+
+    tokenizer = bench_setup.build_tokenizer(60)
+    pairs = bench_setup.synthetic_pairs(6, PairSpec((2, 5), (2, 4), seed=1), 60)
+    path = bench_setup.write_pairs(tmp_path / "pairs.jsonl", pairs)
+    loaded, _ = load_pairs(str(path), tokenizer, max_length=100)
+    for got, want in zip(loaded, pairs, strict=True):
+        assert (got.prompt_ids, got.chosen_ids, got.rejected_ids) == (
+            want["prompt"],
+            want["chosen"],
+            want["rejected"],
+        )
+        row = bench_setup.pair_texts(want)
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        full = tokenizer(row["prompt"] + row["chosen"] + tokenizer.eos_token)["input_ids"]
+        assert prompt_ids == want["prompt"] and full[len(prompt_ids) :] == want["chosen"]
+
+
+def test_pair_flops_by_hand():
+    pair = {"prompt": [5] * 3, "chosen": [6, EOS_ID], "rejected": [EOS_ID]}
+    body = 2 * (4 * 64 + 3 * 8 * 16 + 2 * 8) + 8  # two layers + final norm
+    head = 50 * 8
+    attention = 6 * 8 * 2 * (5 * 6 + 4 * 5)  # T = 5 and 4
+    want = 6 * body * (2 * 3 + 2 + 1) + 6 * head * 3 + attention
+    assert bench_setup.pair_flops(pair, TINY) == want
+
+
+def test_training_order_is_the_engines_and_covers_the_epoch():
+    pairs = bench_setup.synthetic_pairs(12, PairSpec((2, 5), (2, 4)), 50)
+    trainer = {"micro_batch_size": 3, "grad_accum": 1}
+    order = bench_setup.training_order(pairs, trainer, steps=4, seed=0)
+    assert sorted(i for step in order for i in step) == list(range(12))
+    assert order == bench_setup.training_order(pairs, trainer, steps=4, seed=0)
+    grouped = bench_setup.training_order(
+        pairs, {**trainer, "length_grouping": True, "padding_free": False}, steps=4, seed=0
+    )
+    assert sorted(i for step in grouped for i in step) == list(range(12)) and grouped != order
+
+
+def _result(seconds: float, rss: float, **extra) -> dict:
+    return {"step_seconds": [9.0] + [seconds] * 2, "peak_rss_mb": rss, **extra}
+
+
+def test_measurements_medians_ratios_and_targets():
+    pairs = bench_setup.synthetic_pairs(6, PairSpec((2, 5), (2, 4)), 50)
+    order = [[0, 1], [2, 3], [4, 5]]
+    runs = [
+        ("ours", _result(0.5, 100)),
+        ("trl-default", _result(4.0, 400)),
+        ("trl-fast", _result(2.0, 300)),
+        ("ours", _result(1.0, 120)),
+        ("ours", _result(0.25, 110)),
+        ("trl-fast", _result(2.0, 300)),
+    ]
+    measured = [Measurement.from_result(n, r, order, pairs, 1, TINY) for n, r in runs]
+    first = measured[0]
+    assert first.timed_pairs == 4 and first.timed_seconds == 1.0  # the warm-up step is left out
+    tokens = sum(len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]) for i in (2, 3, 4, 5))
+    assert first.tokens_per_second == tokens
+    rows = {r.variant: r for r in summarize(measured, peak_gflops=1.0)}
+    assert list(rows) == ["ours", "trl-default", "trl-fast"]
+    assert rows["ours"].runs == [4.0, 2.0, 8.0] and rows["ours"].pairs_per_second == 4.0
+    assert rows["ours"].peak_memory_mb == 110
+    assert rows["ours"].speedup == {"trl-default": 8.0, "trl-fast": 4.0}
+    assert rows["ours"].memory_ratio["trl-fast"] == pytest.approx(110 / 300)
+    assert targets(list(rows.values())) == [
+        "- pairs/s >= 1.5x trl-fast: 4.00x, met",
+        "- pairs/s >= 2x trl-default: 8.00x, met",
+        "- peak memory <= trl-fast: 0.37x, met",
+    ]
+    with pytest.raises(ValueError, match="step times"):
+        Measurement.from_result("ours", _result(1.0, 1.0), order[:2], pairs, 1, TINY)
+
+
+def test_gpu_memory_wins_over_rss():
+    pairs = bench_setup.synthetic_pairs(2, PairSpec((2, 5), (2, 4)), 50)
+    m = Measurement.from_result(
+        "ours", _result(1.0, 100, peak_gpu_mb=7.0), [[0], [1], [0]], pairs, 1, TINY
+    )
+    assert m.peak_memory_mb == 7.0
+
+
+def test_schedule_alternates_the_main_variants():
+    plan = bench.Plan(runs=2, ablation_runs=1)
+    order = [v.name for v in bench.schedule(plan, bench.MAIN, bench.ABLATIONS[:2])]
+    assert order[:6] == ["ours", "trl-default", "trl-fast"] * 2
+    assert order[6:] == [v.name for v in bench.ABLATIONS[:2]]
+    assert len(bench.schedule(bench.Plan(ablations=False), bench.MAIN, bench.ABLATIONS)) == 9
+
+
+def test_quick_plan_and_overrides():
+    plan = bench.make_plan(bench.parse_args(["--quick", "--steps", "3"]))
+    assert (plan.runs, plan.steps, plan.ablations) == (1, 3, False)
+    assert plan.num_pairs == (plan.warmup + 3) * plan.micro_batch
+    with pytest.raises(SystemExit):
+        bench.make_plan(bench.parse_args(["--runs", "0"]))
+
+
+def test_every_ablation_composes_with_the_engine_config():
+    """A renamed switch in conf/trainer/default.yaml must not silently break the bench."""
+    from experiments.bench_worker import compose_ours, ours_overrides
+
+    spec = {
+        "model_dir": "/m",
+        "train_file": "/t.jsonl",
+        "dtype": "float32",
+        "max_length": 64,
+        "beta": 0.1,
+        "seed": 0,
+        "run_dir": "/r",
+        "steps": 3,
+        "micro_batch": 2,
+        "lr": 1e-5,
+    }
+    for variant in (*bench.MAIN, *bench.ABLATIONS):
+        if variant.kind == "ours":
+            cfg = compose_ours(ours_overrides({**spec, "overrides": list(variant.overrides)}))
+            assert cfg.trainer.micro_batch_size == 2 and cfg.trainer.log_every == 1
+            assert cfg.model.name_or_path == "/m" and cfg.deepspeed.zero_optimization.stage == 0
+
+
+def test_report_renders(tmp_path):
+    pairs = bench_setup.synthetic_pairs(4, PairSpec((2, 5), (2, 4)), 50)
+    order = [[0, 1], [2, 3], [0, 1]]
+    measured = [
+        Measurement.from_result(name, _result(s, m), order, pairs, 1, TINY)
+        for name, s, m in [
+            ("ours", 1.0, 100),
+            ("trl-default", 3.0, 300),
+            ("trl-fast", 2.0, 200),
+            ("ours padding_free=false", 1.5, 110),
+        ]
+    ]
+    context = {
+        "command": "python -m experiments.bench --quick",
+        "date": "today",
+        "machine": bench.machine_info(),
+        "load_before": "0.1",
+        "load_after": "0.2",
+        "minutes": 1.0,
+        "peak_gflops": 100.0,
+        "plan": bench.Plan(),
+        "size": TINY,
+        "quick": True,
+        "trl_state": {"trl-fast": {"gradient_checkpointing": False}},
+    }
+    text = render_report(summarize(measured, 100.0), context)
+    assert "| ours | 2.00 | 3.00x | 2.00x |" in text
+    assert "| ours padding_free=false | 1.33 | 0.67x |" in text  # same pairs: MFU ratio = pairs/s
+    assert "trl-fast ran with: gradient_checkpointing=False" in text
+    out = tmp_path / "bench.md"
+    bench.write_atomically(out, text)
+    assert out.read_text() == text and not list(tmp_path.glob(".*tmp"))
