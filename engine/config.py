@@ -14,16 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from losses import PreferenceLoss
 
 #: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
-OBJECTIVE_EXTRAS = (
-    "label_smoothing",
-    "gamma",
-    "dpop_lambda",
-    "margin_scale",
-    "calibration_weight",
-    "nll_weight",
-    "preference_weight",
-    "reference_free",
-)
+OBJECTIVE_EXTRAS = PreferenceLoss.EXTRAS
 
 _POSITIVE_INTS = ("micro_batch_size", "grad_accum", "log_every", "logit_chunk_size")
 _NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")

@@ -239,7 +239,8 @@ class PreferenceLoss(nn.Module):
     model is loaded. ``requirements`` tells a trainer what to feed ``forward``.
     """
 
-    _EXTRAS = (
+    #: the extra options a PreferenceLoss accepts (trainers read method configs with this)
+    EXTRAS = (
         "label_smoothing",
         "gamma",
         "dpop_lambda",
@@ -261,10 +262,10 @@ class PreferenceLoss(nn.Module):
         **extras: float | bool | None,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(extras) - set(self._EXTRAS))
+        unknown = sorted(set(extras) - set(self.EXTRAS))
         if unknown:
             raise TypeError(
-                f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(self._EXTRAS)}"
+                f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(self.EXTRAS)}"
             )
         self.options: dict[str, object] = {"loss": loss, "margin": margin, "beta": beta}
         self.options["alpha"] = alpha
