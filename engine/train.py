@@ -7,6 +7,7 @@ flat function around ``deepspeed.initialize`` / ``engine.backward`` / ``engine.s
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -180,6 +181,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else int(trainer.epochs) * sampler.steps_per_epoch
     )
 
+    reference_cfg = cfg.get("reference") or {}
+    live_reference = None  # reference.precompute=false: a frozen copy scored at every micro step
+    if needs.needs_reference and not reference_cfg.get("precompute", True):
+        if reference_cfg.get("name_or_path"):
+            live_reference, _ = _separate_reference(
+                model_cfg, reference_cfg, tokenizer, trainer, device, int(cfg.seed)
+            )
+        else:  # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
+            live_reference = _frozen_scorer(copy.deepcopy(model).to(device), trainer)
+
     # ---- DeepSpeed -----------------------------------------------------------------------------
     import deepspeed
 
@@ -202,7 +213,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     micro = int(trainer.micro_batch_size)
     pad_id = int(tokenizer.pad_token_id)
     ckpt_dir = run_dir / "checkpoints"
-    reference_cfg = cfg.get("reference") or {}
     resume_step = latest_complete_step(ckpt_dir) if trainer.get("resume") == "auto" else None
     if trainer.get("resume") not in (None, "auto"):
         raise ValueError(f"trainer.resume must be null or 'auto', got {trainer.resume!r}")
@@ -218,7 +228,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ref_forward, ref_model = _separate_reference(
                 model_cfg, reference_cfg, tokenizer, trainer, device, int(cfg.seed)
             )
-        if needs.needs_reference:
+        if live_reference is not None:  # train references come per batch; eval ones once
+            reference_scores = None
+            eval_reference = (
+                score_pairs(live_reference, eval_pairs, micro, pad_id, device)
+                if eval_pairs
+                else None
+            )
+        elif needs.needs_reference:
             engine.eval()
             reference_scores = score_pairs(ref_forward, train_pairs, micro, pad_id, device)
             eval_reference = (
@@ -253,12 +270,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else None
     )
 
-    def compute_objective(batch: PairBatch, scores: PairScores) -> tuple[Any, torch.Tensor]:
+    def compute_objective(batch: PairBatch, scores: PairScores | None) -> tuple[Any, torch.Tensor]:
         logps, counts = forward(batch)
         n = batch.num_pairs
         policy_chosen = _objective_inputs(logps[:n], counts[:n], needs.length_normalized)
         policy_rejected = _objective_inputs(logps[n:], counts[n:], needs.length_normalized)
-        ref = scores.index(batch.indices.cpu())
+        if scores is None:  # a live reference
+            with torch.no_grad():
+                ref_logps, ref_counts = live_reference(batch)
+            ref = PairScores(ref_logps[:n], ref_logps[n:], ref_counts[:n], ref_counts[n:])
+        else:
+            ref = scores.index(batch.indices.cpu())
         ref_chosen = _objective_inputs(
             ref.chosen_logps, ref.chosen_counts, needs.length_normalized
         ).to(device)
@@ -437,14 +459,25 @@ def _separate_reference(
             f"reference.name_or_path={reference_cfg['name_or_path']!r}: its tokenizer differs from "
             "the policy's; a reference must score the same token ids"
         )
-    ref_model = load_model(ref_cfg, tokenizer, seed=seed, key="reference").to(device).eval()
-    ref_model.requires_grad_(False)
-    scorer = SequenceLogProbs(ref_model, chunk_size=int(trainer.logit_chunk_size)).eval()
+    ref_model = load_model(ref_cfg, tokenizer, seed=seed, key="reference").to(device)
+    return _frozen_scorer(ref_model, trainer), ref_model
 
+
+def _frozen_scorer(model: torch.nn.Module, trainer: DictConfig) -> Any:
+    """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients."""
+    model.eval().requires_grad_(False)
+    scorer = SequenceLogProbs(
+        model,
+        chunk_size=int(trainer.logit_chunk_size),
+        keep_mb=float(trainer.get("logit_keep_mb", 0)),
+        chunked=bool(trainer.get("chunked_logprobs", True)),
+    ).eval()
+
+    @torch.no_grad()
     def ref_forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return scorer(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return scorer(**batch.model_inputs())
 
-    return ref_forward, ref_model
+    return ref_forward
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_steps: int) -> Any:

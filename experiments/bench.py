@@ -90,6 +90,12 @@ ABLATIONS = (
         ("trainer.block_attention=position_ids", "trainer.prefix_sharing=false"),
         note="needs prefix_sharing=false",
     ),
+    Variant(
+        "ours reference.precompute=false",
+        "ours",
+        ("reference.precompute=false",),
+        note="a frozen reference copy scored at every step (TRL's default)",
+    ),
     Variant("ours logit_keep_mb=0", "ours", ("trainer.logit_keep_mb=0",)),
     Variant("ours chunked_logprobs=false", "ours", ("trainer.chunked_logprobs=false",)),
     Variant(

@@ -178,10 +178,9 @@ SWITCHES = (
     "- `length_grouping`: micro batches of pairs of similar length (mega-batches of the shuffled "
     "order); it saves padding only where there is padding (`padding_free=false`), and it "
     "changes which pairs share a step, so it is off by default.",
-    "- Not a row here: the reference log-probs are always computed once before training from "
-    "the initial policy (no second model); the cost of the alternative, a reference model "
-    "scoring every step, is what separates trl-default from trl-fast (with gradient "
-    "checkpointing).",
+    "- `reference.precompute` (in `conf/config.yaml`): the reference log-probs computed once "
+    "before training from the initial policy (no second model in memory); `false` keeps a "
+    "frozen reference copy and scores every micro batch with it, as TRL does by default.",
 )
 
 
@@ -238,7 +237,7 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
         lines += [
             "## Speed switches: `ours` with one switch flipped",
             "",
-            "Each row flips the named `trainer.*` switch(es) of `conf/trainer/default.yaml` "
+            "Each row flips the named switch(es) (`trainer.*`: `conf/trainer/default.yaml`) "
             "from the shipped default. `x ours (MFU)` compares work per second (nominal FLOPs/s, "
             "see MFU below) with the `ours` row: length grouping reorders the pairs, so its timed "
             "steps hold other pairs than the `ours` run's and pairs/s alone would mislead.",
