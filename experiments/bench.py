@@ -1,8 +1,8 @@
 """Throughput benchmark: this engine against TRL's ``DPOTrainer``, side by side in one run.
 
-    make bench                         # = python -m experiments.bench
+    make bench                         # = python -m experiments.bench -> results/bench.md
     python -m experiments.bench --quick            # a one-minute smoke run (not for numbers)
-    python -m experiments.bench --size large       # hidden 512, 8 layers instead of 256, 4
+    python -m experiments.bench --size large       # hidden 512, 8 layers -> results/bench_large.md
     python -m experiments.bench --runs 5 --steps 12 --out /tmp/bench.md
 
 Both trainers get the same randomly initialized Llama (saved once, loaded by both), the same
@@ -49,7 +49,7 @@ from experiments import bench_setup as setup
 from experiments.bench_report import Measurement, render_report, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "experiments" / "results" / "bench.md"
+RESULTS = REPO / "experiments" / "results"
 
 
 @dataclass(frozen=True)
@@ -305,11 +305,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablation-runs", type=int, help="runs of each ablation (default 1)")
     parser.add_argument("--no-ablations", action="store_true", help="main variants only")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown report")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the markdown report (default: "
+        "experiments/results/bench[_large][_bfloat16][_cuda].md; "
+        "with --quick, bench-quick.md in --workdir or the temp dir, so smoke numbers never "
+        "replace measured ones)",
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--workdir", type=Path, help="keep model, data and logs here")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     return parser.parse_args(argv)
+
+
+def default_out(
+    plan: Plan, quick: bool, workdir: Path | None = None, cuda: bool | None = None
+) -> Path:
+    """Where the report goes without ``--out``: one file per size, precision and device under
+    ``experiments/results/``, so a run never overwrites another kind's measured numbers; a
+    ``--quick`` smoke run writes into ``--workdir`` (or the temp dir) instead."""
+    if quick:
+        return (workdir or Path(tempfile.gettempdir())) / "bench-quick.md"
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    name = "bench"
+    if plan.size != "small":
+        name += f"_{plan.size}"
+    if plan.dtype != "float32":
+        name += f"_{plan.dtype}"
+    if cuda:
+        name += "_cuda"
+    return RESULTS / f"{name}.md"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -415,13 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trl_state": {m.variant: m.trl_state for m in measurements if m.trl_state},
     }
     report = render_report(rows, context)
-    write_atomically(args.out, report)
+    out = args.out or default_out(plan, args.quick, args.workdir)
+    write_atomically(out, report)
     if args.json:
         write_atomically(
             args.json, json.dumps([m.__dict__ for m in measurements], indent=1, default=str)
         )
     print(report)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -181,3 +181,18 @@ def test_report_renders(tmp_path):
     out = tmp_path / "bench.md"
     bench.write_atomically(out, text)
     assert out.read_text() == text and not list(tmp_path.glob(".*tmp"))
+
+
+def test_reports_of_different_kinds_go_to_different_files(tmp_path):
+    def out(*argv, cuda=False, workdir=None):
+        args = bench.parse_args(list(argv))
+        return bench.default_out(bench.make_plan(args), args.quick, workdir, cuda=cuda)
+
+    results = bench.RESULTS
+    assert out() == results / "bench.md"
+    assert out("--size", "large") == results / "bench_large.md"
+    assert out("--dtype", "bfloat16", cuda=True) == results / "bench_bfloat16_cuda.md"
+    assert out("--size", "large", "--dtype", "bfloat16") == results / "bench_large_bfloat16.md"
+    # smoke numbers never land next to the measured ones
+    assert out("--quick", workdir=tmp_path) == tmp_path / "bench-quick.md"
+    assert out("--quick").parent != results
