@@ -200,7 +200,8 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
     if context.get("quick"):
         lines += ["**`--quick` smoke run: too few steps for numbers to mean anything.**", ""]
     lines += [
-        f"- Command: `{context['command'].strip()}` (`make bench`), {context['date']}, "
+        f"- Command: `{context['command'].strip()}` ({_make_equivalent(context['command'])}), "
+        f"{context['date']}, "
         f"{context['minutes']:.1f} min.",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, torch threads "
         f"{machine['torch_threads']}, {machine['memory_gb']} GiB"
@@ -276,3 +277,9 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
     for name, state in context.get("trl_state", {}).items():
         lines.append(f"- {name} ran with: " + ", ".join(f"{k}={v}" for k, v in state.items()))
     return "\n".join(lines) + "\n"
+
+
+def _make_equivalent(command: str) -> str:
+    """The ``make`` spelling of a ``python -m experiments.bench ...`` command line."""
+    args = command.strip().removeprefix("python -m experiments.bench").strip()
+    return f"`make bench ARGS='{args}'`" if args else "`make bench`"

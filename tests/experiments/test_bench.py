@@ -178,6 +178,9 @@ def test_report_renders(tmp_path):
     assert "| ours | 2.00 | 3.00x | 2.00x |" in text
     assert "| ours padding_free=false | 1.33 | 0.67x |" in text  # same pairs: MFU ratio = pairs/s
     assert "trl-fast ran with: gradient_checkpointing=False" in text
+    assert "`python -m experiments.bench --quick` (`make bench ARGS='--quick'`)" in text
+    context["command"] = "python -m experiments.bench "
+    assert "(`make bench`)" in render_report(summarize(measured, 100.0), context)
     out = tmp_path / "bench.md"
     bench.write_atomically(out, text)
     assert out.read_text() == text and not list(tmp_path.glob(".*tmp"))
