@@ -9,12 +9,10 @@ names the previous complete save. Older complete saves beyond ``keep`` are delet
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +20,11 @@ import numpy as np
 import torch
 
 from engine import distributed as dist_utils
+from engine.fileio import atomic_write_text
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d+)$")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """:func:`atomic_write_text` of ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import atomic_write_text
+from engine.fileio import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from engine import distributed as dist_utils
 from engine.batching import PairBatch, collate_pairs, step_sampler
 from engine.checkpoint import (
-    atomic_write_json,
     export_hf_model,
     latest_complete_step,
     load_checkpoint,
@@ -32,6 +31,7 @@ from engine.checkpoint import (
 )
 from engine.config import build_deepspeed_config, build_objective, validate_config
 from engine.data import TokenizedPair, load_pairs
+from engine.fileio import atomic_open, atomic_write_json
 from engine.logprobs import SequenceLogProbs
 from engine.modeling import load_model, load_tokenizer
 from engine.packing import PairLayout
@@ -247,9 +247,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             eval_reference = _zero_scores(eval_pairs) if eval_pairs else None
         del ref_forward, ref_model  # a separate reference is needed for this pass only
         if dist_utils.is_main():  # a resumed run must use the references of the *initial* policy
-            tmp = ref_file.with_suffix(".tmp")
-            torch.save((reference_scores, eval_reference), tmp)
-            os.replace(tmp, ref_file)
+            with atomic_open(ref_file, "wb") as handle:
+                torch.save((reference_scores, eval_reference), handle)
 
     window = torch.zeros(len(_SUMS), dtype=torch.float64)  # sums since the last log step
     last_train: dict[str, float] = {}

@@ -27,13 +27,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.fileio import atomic_write_text
 from experiments.stats import PairedGain, Summary, paired_gain, summarize
 
 __all__ = [
@@ -64,18 +64,6 @@ class AblationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- collecting runs
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -642,9 +630,9 @@ def write_report(
     from experiments.plots import write_plots  # matplotlib is imported only when plotting
 
     written = write_plots(tables, out)
-    _atomic_write_text(out / "ablation.csv", render_csv(tables))
+    atomic_write_text(out / "ablation.csv", render_csv(tables))
     md = out / "ablation.md"
-    _atomic_write_text(md, render_markdown(tables, sweep, written))
+    atomic_write_text(md, render_markdown(tables, sweep, written))
     return md
 
 

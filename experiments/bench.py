@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.fileio import atomic_write_text
 from experiments import bench_setup as setup
 from experiments.bench_report import Measurement, render_report, summarize
 
@@ -281,19 +282,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (not for numbers)")
@@ -445,9 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report = render_report(rows, context)
     out = args.out or default_out(plan, args.quick, args.workdir)
-    write_atomically(out, report)
+    atomic_write_text(out, report)
     if args.json:
-        write_atomically(
+        atomic_write_text(
             args.json, json.dumps([m.__dict__ for m in measurements], indent=1, default=str)
         )
     print(report)

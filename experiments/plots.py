@@ -7,8 +7,6 @@ can be reused for any grid of (row, column) cells.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from engine.fileio import atomic_open
 from experiments.stats import Summary
 
 if TYPE_CHECKING:
@@ -61,17 +60,10 @@ def mean_curve(runs: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray,
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Save a figure as PNG through a temporary file and os.replace, then close it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Save a figure as PNG atomically (:func:`engine.fileio.atomic_open`), then close it."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         plt.close(fig)
 

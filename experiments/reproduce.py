@@ -18,7 +18,6 @@ versions, date, timings) are written to ``--out``; each file atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -29,6 +28,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from engine.fileio import atomic_write_json, atomic_write_text
 
 SWEEPS = ("ablation", "ablation_control", "ablation_alpha")
 PACKAGES = ("torch", "deepspeed", "transformers", "hydra-core", "numpy", "matplotlib")
@@ -111,18 +112,6 @@ def sweep_command(
     if jobs > 1:
         cmd += ["hydra/launcher=local_parallel", f"hydra.launcher.n_jobs={jobs}"]
     return cmd + extra
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _provenance_markdown(p: dict[str, Any]) -> str:
@@ -218,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "timings": timings,
         "machine": machine_info(),
     }
-    _write_json(out / "provenance.json", provenance)
-    _write_text(md, md.read_text(encoding="utf-8") + _provenance_markdown(provenance))
+    atomic_write_json(out / "provenance.json", provenance, sort_keys=False)
+    atomic_write_text(md, md.read_text(encoding="utf-8") + _provenance_markdown(provenance))
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {out} in {timings['total_s']:.0f} s", file=sys.stderr)
     return 0 if all(s == 0 for s in statuses.values()) else 1

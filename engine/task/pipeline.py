@@ -35,8 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.checkpoint import atomic_write_json
 from engine.data import write_jsonl
+from engine.fileio import atomic_write_json
 from engine.task.arithmetic import Problem, split_problems, verify
 from engine.task.generation import generate, greedy_accuracy
 

@@ -182,7 +182,7 @@ def test_report_renders(tmp_path):
     context["command"] = "python -m experiments.bench "
     assert "(`make bench`)" in render_report(summarize(measured, 100.0), context)
     out = tmp_path / "bench.md"
-    bench.write_atomically(out, text)
+    bench.atomic_write_text(out, text)
     assert out.read_text() == text and not list(tmp_path.glob(".*tmp"))
 
 

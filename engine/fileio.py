@@ -1,0 +1,70 @@
+"""Atomic file writes: a reader (or a run that crashes mid-write) sees the old file or the new
+one, never half of one. Every file this project produces (checkpoint markers, results, reports,
+plots, converted data) goes through here. Standard library only, so light to import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for writing; replace ``path`` with it on a clean exit.
+
+    The temporary file lives in the same directory (so ``os.replace`` is a rename on one
+    filesystem), takes the old file's permissions (or an ordinary 0644, not mkstemp's 0600), is
+    fsynced before the rename, and the directory after it. If the body raises, the temporary
+    file is removed and ``path`` is left as it was. ``mode`` is ``"w"`` (UTF-8 text, ``\\n`` line
+    ends on every platform) or ``"wb"``.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with os.fdopen(descriptor, mode, **text) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically (see :func:`atomic_open`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; not every platform can fsync a directory."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
