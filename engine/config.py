@@ -18,6 +18,17 @@ OBJECTIVE_EXTRAS = PreferenceLoss.EXTRAS
 
 _POSITIVE_INTS = ("micro_batch_size", "grad_accum", "log_every", "logit_chunk_size")
 _NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")
+#: on/off keys of ``trainer`` (absent = the built-in default) and of ``reference``
+_TRAINER_SWITCHES = (
+    "chunked_logprobs",
+    "prefix_sharing",
+    "padding_free",
+    "length_grouping",
+    "progress_bar",
+    "tensorboard",
+    "export",
+)
+_BLOCK_ATTENTION = ("segments", "mask", "position_ids")
 _SCHEDULES = ("constant", "linear", "cosine")
 _BAD_ROW_MODES = ("error", "skip")
 
@@ -87,6 +98,7 @@ def validate_config(cfg: DictConfig) -> None:
         "trainer.resume",
         f"must be null or auto, got {trainer.get('resume')!r}",
     )
+    _validate_switches(cfg)
     data = cfg.data
     _require(
         data.get("on_bad_row") in _BAD_ROW_MODES,
@@ -104,6 +116,56 @@ def validate_config(cfg: DictConfig) -> None:
         max_prompt is None or (isinstance(max_prompt, int) and 0 < max_prompt < max_length),
         "data.max_prompt_length",
         f"must be null or an integer in (0, data.max_length={max_length}), got {max_prompt!r}",
+    )
+
+
+def _validate_switches(cfg: DictConfig) -> None:
+    """The speed switches and the reference keys: a typo (``prefix_sharing=ture``) must not
+    silently pick the other path."""
+    trainer = cfg.trainer
+    for key in _TRAINER_SWITCHES:
+        value = trainer.get(key)
+        _require(
+            value is None or isinstance(value, bool),
+            f"trainer.{key}",
+            f"must be true or false, got {value!r}",
+        )
+    block = trainer.get("block_attention")
+    _require(
+        block is None or block in _BLOCK_ATTENTION,
+        "trainer.block_attention",
+        f"must be one of {', '.join(_BLOCK_ATTENTION)}, got {block!r}",
+    )
+    keep = trainer.get("logit_keep_mb")
+    _require(
+        keep is None or (isinstance(keep, int | float) and keep >= 0),
+        "trainer.logit_keep_mb",
+        f"must be a number of MiB >= 0, got {keep!r}",
+    )
+    megabatch = trainer.get("length_grouping_megabatch")
+    _require(
+        megabatch is None or (isinstance(megabatch, int) and megabatch > 0),
+        "trainer.length_grouping_megabatch",
+        f"must be an integer > 0, got {megabatch!r}",
+    )
+    threads = trainer.get("threads")
+    _require(
+        threads is None or (isinstance(threads, int) and threads > 0),
+        "trainer.threads",
+        f"must be null or an integer > 0, got {threads!r}",
+    )
+    reference = cfg.get("reference") or {}
+    precompute = reference.get("precompute")
+    _require(
+        precompute is None or isinstance(precompute, bool),
+        "reference.precompute",
+        f"must be true or false, got {precompute!r}",
+    )
+    path = reference.get("name_or_path")
+    _require(
+        path is None or (isinstance(path, str) and path.strip() != ""),
+        "reference.name_or_path",
+        f"must be null (the initial policy) or a model directory / hub id, got {path!r}",
     )
 
 

@@ -199,6 +199,17 @@ def test_files_data_requires_train(compose_config):
         ("data.on_bad_row=ignore", "data.on_bad_row"),
         ("data.max_length=1", "data.max_length"),
         ("data.max_prompt_length=160", "data.max_prompt_length"),  # not < max_length (160)
+        ("trainer.prefix_sharing=ture", "trainer.prefix_sharing"),  # a typo is not "on"
+        ("trainer.padding_free=1", "trainer.padding_free"),
+        ("trainer.chunked_logprobs=no", "trainer.chunked_logprobs"),
+        ("trainer.length_grouping=yes", "trainer.length_grouping"),
+        ("trainer.export=maybe", "trainer.export"),
+        ("trainer.block_attention=flash", "trainer.block_attention"),
+        ("trainer.logit_keep_mb=-1", "trainer.logit_keep_mb"),
+        ("trainer.length_grouping_megabatch=0", "trainer.length_grouping_megabatch"),
+        ("trainer.threads=0", "trainer.threads"),
+        ("reference.precompute=no", "reference.precompute"),  # "no" is a string to Hydra
+        ("reference.name_or_path=''", "reference.name_or_path"),
     ],
 )
 def test_bad_values_name_their_key(compose_config, override, key):
