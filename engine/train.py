@@ -426,8 +426,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if logger is not None:
         logger.close()
         atomic_write_json(run_dir / "results.json", results)
+        log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
     dist_utils.barrier()
     return results
+
+
+def _summary_line(results: dict[str, Any]) -> str:
+    """One line for the console at the end of a run: steps, time, and the headline metrics."""
+    parts = [f"finished {results['steps']} steps in {results['wall_seconds']:.0f} s"]
+    for split in ("eval", "train"):
+        metrics = results[split]
+        if "accuracy" in metrics:
+            stderr = metrics.get("accuracy_stderr")
+            spread = f" +- {stderr:.3f}" if stderr is not None else ""
+            parts.append(f"{split} accuracy {metrics['accuracy']:.3f}{spread}")
+        if "loss" in metrics:
+            parts.append(f"{split} loss {metrics['loss']:.4g}")
+    return ", ".join(parts)
 
 
 def _zero_scores(pairs: list[TokenizedPair]) -> PairScores:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from engine.config import ConfigError
 from engine.data import BadRowError
-from engine.train import train
+from engine.train import _summary_line, train
 from losses import LOSSES, MARGINS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -400,3 +400,19 @@ def test_dataset_smaller_than_a_batch(tmp_path, compose_config, base_overrides, 
     )
     with pytest.raises(ValueError, match="3 pairs, fewer than one global batch of 4"):
         train(cfg)
+
+
+def test_the_closing_console_line_names_steps_time_and_headline_metrics() -> None:
+    results = {
+        "steps": 100,
+        "wall_seconds": 20.6,
+        "eval": {"accuracy": 0.5925, "accuracy_stderr": 0.0246, "loss": 0.99159},
+        "train": {"loss": 0.5, "margin": 3.0},
+    }
+    assert _summary_line(results) == (
+        "finished 100 steps in 21 s, eval accuracy 0.593 +- 0.025, eval loss 0.9916, train loss 0.5"
+    )
+    # without an eval split (data=files without data.eval) only the training loss is reported
+    assert _summary_line({"steps": 2, "wall_seconds": 1.0, "eval": {}, "train": {"loss": 0.7}}) == (
+        "finished 2 steps in 1 s, train loss 0.7"
+    )
