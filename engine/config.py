@@ -18,6 +18,7 @@ OBJECTIVE_EXTRAS = PreferenceLoss.EXTRAS
 
 _POSITIVE_INTS = ("micro_batch_size", "grad_accum", "log_every", "logit_chunk_size")
 _NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")
+_OPTIONAL_POSITIVE_INTS = ("max_steps", "threads", "length_grouping_megabatch")  # null = default
 #: on/off keys of ``trainer`` (absent = the built-in default) and of ``reference``
 _TRAINER_SWITCHES = (
     "chunked_logprobs",
@@ -65,13 +66,14 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.{key}",
             f"must be an integer >= 0, got {value!r}",
         )
-    max_steps = trainer.get("max_steps")
-    _require(
-        max_steps is None or (isinstance(max_steps, int) and max_steps > 0),
-        "trainer.max_steps",
-        f"must be null or an integer > 0, got {max_steps!r}",
-    )
-    if max_steps is None:
+    for key in _OPTIONAL_POSITIVE_INTS:
+        value = trainer.get(key)
+        _require(
+            value is None or (isinstance(value, int) and value > 0),
+            f"trainer.{key}",
+            f"must be null or an integer > 0, got {value!r}",
+        )
+    if trainer.get("max_steps") is None:
         epochs = trainer.get("epochs")
         _require(
             isinstance(epochs, int) and epochs > 0,
@@ -141,18 +143,6 @@ def _validate_switches(cfg: DictConfig) -> None:
         keep is None or (isinstance(keep, int | float) and keep >= 0),
         "trainer.logit_keep_mb",
         f"must be a number of MiB >= 0, got {keep!r}",
-    )
-    megabatch = trainer.get("length_grouping_megabatch")
-    _require(
-        megabatch is None or (isinstance(megabatch, int) and megabatch > 0),
-        "trainer.length_grouping_megabatch",
-        f"must be an integer > 0, got {megabatch!r}",
-    )
-    threads = trainer.get("threads")
-    _require(
-        threads is None or (isinstance(threads, int) and threads > 0),
-        "trainer.threads",
-        f"must be null or an integer > 0, got {threads!r}",
     )
     reference = cfg.get("reference") or {}
     precompute = reference.get("precompute")
