@@ -22,7 +22,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first and exactly pinned: a looser requirement would pull the CUDA build
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev,sweep]'
+	$(PIP) install -c constraints.txt -e '.[dev,sweep,bench,adapters,tracking]'
 	touch $@
 
 install: $(STAMP)  ## create .venv and install the project with its pinned dependencies
@@ -48,7 +48,6 @@ reproduce: $(STAMP)  ## the miniature ablation (36+3+18 runs, parallel) -> exper
 	$(BIN)/python -m experiments.reproduce $(ARGS)
 
 bench: $(STAMP)  ## ours vs TRL's DPOTrainer + speed switches on/off (~10-15 min) -> experiments/results/bench.md
-	$(PIP) install -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m experiments.bench $(ARGS)
 
 demo: $(STAMP)  ## a short tour of the loss zoo: every loss x margin cell on the same inputs
