@@ -401,6 +401,15 @@ METHOD_REQUIREMENTS = {
     "rpo": (True, False, True),
     "simpo": (False, True, False),
     "chosen_nll": (False, False, True),
+    # TRL's objectives: ipo and sigmoid_norm average log-ratios over tokens (TRL's form)
+    "sigmoid_norm": (True, True, False),
+    **dict.fromkeys(
+        ["robust", "exo_pair", "discopop", "nca_pair", "bco_pair", "sppo_hard", "aot"],
+        (True, False, False),
+    ),
+    **dict.fromkeys(["aot_unpaired", "apo_zero", "apo_down", "kto", "odpo"], (True, False, False)),
+    # ORPO is reference-free on length-averaged log-probs, plus the chosen NLL
+    "orpo": (False, True, True),
 }
 
 
