@@ -124,3 +124,11 @@ def test_loss_and_margin_overrides_compose(loss, margin):
     assert cfg.margin.name == margin
     assert cfg.margin.alpha == 0.3
     assert cfg.beta == 0.05
+
+
+@pytest.mark.parametrize("loss", sorted(PAIR_LOSSES))
+def test_per_side_loss_with_balanced_margin_is_a_clear_error(loss):
+    """``loss=<per-side> margin=balanced`` composes, and building its objective says why not."""
+    cfg = compose([f"loss={loss}", "margin=balanced"])
+    with pytest.raises(ValueError, match="does not cross with margin='balanced'"):
+        PreferenceLoss(loss=cfg.loss.name, margin=cfg.margin.name, alpha=cfg.margin.alpha)
