@@ -4,11 +4,82 @@ run really took its own path (the scorers' calls are counted)."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 import engine.reference as reference_module
+from engine.batching import collate_pairs
+from engine.logprobs import SequenceLogProbs
+from engine.modeling import load_model
+from engine.reference import LiveReference, NoReference, PrecomputedReference, frozen_scorer
+from engine.sources import prepare_data
+
+SCORER_OPTIONS = OmegaConf.create({"logit_chunk_size": 64})  # the trainer keys a scorer reads
+
+# ---- the variants on their own (a tiny model, no DeepSpeed) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(compose_config, run_overrides, pair_files):
+    """The tiny run's data, its initial policy (as the loop's module) and a frozen scorer."""
+    data = prepare_data(compose_config(run_overrides(pair_files.train, pair_files.eval, None)))
+    model = load_model(data.model_cfg, data.tokenizer, seed=0)
+    common = (data.train_pairs, data.eval_pairs, 2, int(data.tokenizer.pad_token_id), "cpu")
+    return data, SequenceLogProbs(model, chunk_size=64), model, common
+
+
+def batch_of(data, indices):
+    pairs = [data.train_pairs[i] for i in indices]
+    return collate_pairs(pairs, indices, int(data.tokenizer.pad_token_id))
+
+
+def test_every_variant_answers_the_same_questions(tiny, tmp_path) -> None:
+    data, policy, model, common = tiny
+    batch = batch_of(data, [3, 0])
+    precomputed = PrecomputedReference(*common)
+    precomputed.prepare(policy, tmp_path, resume=False)
+    live = LiveReference(*common, scorer=frozen_scorer(copy.deepcopy(model), SCORER_OPTIONS))
+    live.prepare(policy, tmp_path / "live", resume=False)
+    for name in ("chosen_logps", "rejected_logps", "chosen_counts", "rejected_counts"):
+        want = getattr(precomputed.train_scores(batch), name)
+        assert torch.allclose(
+            getattr(live.train_scores(batch), name).float(), want.float(), atol=1e-5
+        )
+        assert torch.allclose(
+            getattr(live.eval_scores(), name).float(),
+            getattr(precomputed.eval_scores(), name).float(),
+            atol=1e-5,
+        )
+    none = NoReference(*common)
+    none.prepare(policy, tmp_path / "none", resume=False)
+    assert not none.train_scores(batch).chosen_logps.any()
+    assert none.eval_scores().chosen_logps.shape == (5,)
+    assert policy.training  # the scoring pass leaves the policy in training mode
+
+
+def test_precomputed_scores_are_saved_and_read_back_on_resume(tiny, tmp_path) -> None:
+    data, policy, _, common = tiny
+    PrecomputedReference(*common).prepare(policy, tmp_path, resume=False)
+    assert (tmp_path / reference_module.REFERENCE_FILE).is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("a resumed run must not score or load the reference again")
+
+    resumed = PrecomputedReference(*common, load_scorer=never)
+    resumed.prepare(policy, tmp_path, resume=True)
+    fresh = PrecomputedReference(*common)
+    fresh.prepare(policy, tmp_path / "fresh", resume=False)
+    batch = batch_of(data, [5])
+    assert torch.equal(
+        resumed.train_scores(batch).chosen_logps, fresh.train_scores(batch).chosen_logps
+    )
+
+
+# ---- through training --------------------------------------------------------------------------
 
 
 @pytest.fixture
