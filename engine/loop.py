@@ -144,7 +144,9 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
             if parts.logger is not None and state.last_eval:
                 parts.logger.log(done, state.last_eval)
 
-        # checkpoint (the preemption check goes here: a requested stop saves now, then leaves)
+        # checkpoint. The preemption check goes here, after the optimizer step: when every rank
+        # agrees a stop was requested (SIGTERM / SIGUSR1), save now (as if save_every said so),
+        # then leave the loop and the process with the status the launcher requeues
         if (save_every and done % save_every == 0) or last:
             run_state.save(engine, parts.checkpoint_dir, state, keep, device)
     if progress is not None:

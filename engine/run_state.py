@@ -56,7 +56,12 @@ class RunState:
 
 def find_resume_step(trainer: Any, checkpoint_dir: Path) -> int | None:
     """The resume lookup: the step of the checkpoint to resume from (``trainer.resume=auto``),
-    or None to start fresh."""
+    or None to start fresh.
+
+    This is the one place that picks the checkpoint (``engine.train.train`` calls it once, before
+    the reference scores and :func:`restore`): verifying the newest save and falling back to an
+    older complete one belongs here, in place of :func:`engine.checkpoint.latest_complete_step`.
+    """
     if trainer.get("resume") not in (None, "auto"):
         raise ValueError(f"trainer.resume must be null or 'auto', got {trainer.resume!r}")
     if trainer.get("resume") != "auto":

@@ -56,13 +56,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
         chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
     )
+    # order: which pairs each rank sees at each step, and how many steps
     sampler = step_sampler(data.train_pairs, cfg.trainer, dist_utils.world_size(), int(cfg.seed))
     total_steps = _total_steps(cfg.trainer, sampler)
     # reference: chosen now, before DeepSpeed wraps the policy (a live reference copies it)
     reference = make_reference(cfg, objective.requirements.needs_reference, model, data, device)
     # DeepSpeed: the engine, its optimizer and the learning-rate schedule
     engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
-    # resume: the checkpoint to resume from (None: a fresh start)
+    # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
+    # engine.run_state.find_resume_step
     checkpoint_dir = run_dir / "checkpoints"
     resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
     # reference scores, once before any update (read back from the run directory on resume)
