@@ -8,7 +8,7 @@ in one :class:`LoopParts`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ import torch
 from engine import distributed as dist_utils
 from engine import run_state
 from engine.batching import StepSampler, collate_pairs
+from engine.diagnostics import GradientDiagnostics
 from engine.metrics import means, pair_sums
-from engine.objective import objective_output
+from engine.objective import feed, objective_inputs
 from engine.packing import PairLayout
 from engine.pair_batch import PairBatch
+from engine.pair_extras import PairExtras
 from engine.reference import Reference
 from engine.run_state import RunState
 from engine.scoring import PairScores, score_pairs
@@ -46,13 +48,26 @@ class LoopParts:
     total_steps: int
     checkpoint_dir: Path
     logger: MetricsLogger | None  # rank 0 only
+    extras: PairExtras = field(default_factory=PairExtras)  # data-derived inputs (ODPO's scores)
+    diagnostics: GradientDiagnostics = field(default_factory=GradientDiagnostics)
 
 
-def train_step(parts: LoopParts, batch: PairBatch) -> tuple[PreferenceLossOutput, torch.Tensor]:
+def train_step(
+    parts: LoopParts, batch: PairBatch, diagnose: bool = False
+) -> tuple[PreferenceLossOutput, torch.Tensor]:
     """Forward (chosen and rejected in one pass) and the objective on one micro batch; returns
-    the objective's output and the batch's metric sums."""
+    the objective's output and the batch's metric sums. ``diagnose``: also collect the pairs'
+    gradient weights (:mod:`engine.diagnostics`; a logged step)."""
     policy = PairScores.split(*parts.engine(**batch.model_inputs()))
-    out = objective_output(parts.objective, policy, parts.reference.train_scores(batch))
+    inputs = objective_inputs(
+        parts.objective,
+        policy,
+        parts.reference.train_scores(batch),
+        parts.extras.train_batch(batch.indices),
+    )
+    out = feed(parts.objective, inputs)
+    if diagnose:
+        parts.diagnostics.add(parts.objective, inputs)
     return out, pair_sums(out, policy)
 
 
@@ -69,7 +84,10 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
             int(data.tokenizer.pad_token_id),
             parts.device,
         )
-        out = objective_output(parts.objective, scores, parts.reference.eval_scores())
+        inputs = objective_inputs(
+            parts.objective, scores, parts.reference.eval_scores(), parts.extras.eval_scores
+        )
+        out = feed(parts.objective, inputs)
         metrics.update(means(pair_sums(out, scores), "eval"))
         engine.train()
     for evaluator in data.evaluators:
@@ -90,6 +108,7 @@ def _log_train(parts: LoopParts, state: RunState) -> None:
         state.last_train["train/grad_norm"] = float(grad_norm)
     state.last_train["train/pairs_per_second"] = pairs_per_second
     state.last_train["train/epoch"] = state.step / parts.sampler.steps_per_epoch
+    state.last_train.update(parts.diagnostics.flush(parts.logger, state.step))
     if parts.logger is not None:
         parts.logger.log(state.step, state.last_train)
 
@@ -115,11 +134,12 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
     progress = _progress_bar(parts, state.step)
     state.window.restart_clock()
     for step in range(state.step, parts.total_steps):
+        logged = (step + 1) % log_every == 0 or step + 1 == parts.total_steps
         # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
         for micro_step in range(grad_accum):
             indices = parts.sampler.indices(step, micro_step, rank)
             batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
-            out, sums = train_step(parts, batch.to(device))
+            out, sums = train_step(parts, batch.to(device), diagnose=logged)
             engine.backward(out.losses.mean())
             engine.step()
             state.window.add(sums)

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,3 +64,42 @@ def mismatched_logratios(policy_logps: torch.Tensor, reference_logps: torch.Tens
     """KTO's ``kl_logratios`` from the (2B,) policy and reference log-probs of the mismatched
     sequences of a batch (both responses of each mismatched pair), detached."""
     return (policy_logps.detach().float() - reference_logps.float()).detach()
+
+
+@dataclass(frozen=True)
+class PairExtras:
+    """The data-derived objective inputs of a run, (N,) in dataset order, indexed per batch.
+
+    Attributes:
+        train_scores: ``(score_chosen, score_rejected)`` of the train pairs, or None.
+        eval_scores: the same for the eval pairs, or None.
+    """
+
+    train_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    eval_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def for_objective(
+        cls,
+        requirements: Any,
+        train_pairs: Sequence[TokenizedPair],
+        eval_pairs: Sequence[TokenizedPair],
+    ) -> PairExtras:
+        """What ``requirements`` (a :class:`losses.Requirements`) ask of the data, checked now,
+        before any model is loaded."""
+        if requirements.needs_mismatched_pairs:
+            raise ValueError(
+                "this objective (KTO) needs the log-ratios of mismatched (prompt, response) "
+                "pairs, which this engine does not score yet; use losses.preference_loss with "
+                "kl_logratios in your own loop (engine/pair_extras.py: mismatched_pairs)"
+            )
+        if not requirements.needs_scores:
+            return cls()
+        return cls(score_columns(train_pairs), score_columns(eval_pairs) if eval_pairs else None)
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The score columns of the train pairs at ``indices`` (None when not needed)."""
+        if self.train_scores is None:
+            return None
+        cpu = indices.cpu()
+        return self.train_scores[0][cpu], self.train_scores[1][cpu]
