@@ -22,7 +22,7 @@ from engine.metrics import means, pair_sums
 from engine.objective import feed, objective_inputs
 from engine.packing import PairLayout
 from engine.pair_batch import PairBatch
-from engine.pair_extras import PairExtras
+from engine.pair_extras import PairExtras, kl_logratios
 from engine.reference import Reference
 from engine.run_state import RunState
 from engine.scoring import PairScores, score_pairs
@@ -59,16 +59,32 @@ def train_step(
     the objective's output and the batch's metric sums. ``diagnose``: also collect the pairs'
     gradient weights (:mod:`engine.diagnostics`; a logged step)."""
     policy = PairScores.split(*parts.engine(**batch.model_inputs()))
+    batch_inputs = parts.extras.train_batch(batch.indices)
+    if parts.extras.mismatched_train is not None:
+        batch_inputs["kl_logratios"] = _mismatched_logratios(parts, batch)
     inputs = objective_inputs(
-        parts.objective,
-        policy,
-        parts.reference.train_scores(batch),
-        parts.extras.train_batch(batch.indices),
+        parts.objective, policy, parts.reference.train_scores(batch), batch_inputs
     )
     out = feed(parts.objective, inputs)
     if diagnose:
         parts.diagnostics.add(parts.objective, inputs)
     return out, pair_sums(out, policy)
+
+
+def _mismatched_logratios(parts: LoopParts, batch: PairBatch) -> torch.Tensor:
+    """KTO's reference point inputs for ``batch``: its pairs' mismatched pairs (pair i's prompt
+    with pair i + 1's responses; the reference holds them as pairs N + i), scored by the policy
+    without gradient, as KTOTrainer does."""
+    mismatched = parts.extras.mismatched_train or []
+    indices = batch.indices.tolist()
+    offset = len(parts.data.train_pairs)
+    pad_id = int(parts.data.tokenizer.pad_token_id)
+    other = collate_pairs(
+        [mismatched[i] for i in indices], [offset + i for i in indices], pad_id, parts.layout
+    ).to(parts.device)
+    with torch.no_grad():
+        policy = PairScores.split(*parts.engine(**other.model_inputs()))
+    return kl_logratios(policy, parts.reference.train_scores(other))
 
 
 def evaluate(parts: LoopParts) -> dict[str, float]:
@@ -84,9 +100,21 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
             int(data.tokenizer.pad_token_id),
             parts.device,
         )
-        inputs = objective_inputs(
-            parts.objective, scores, parts.reference.eval_scores(), parts.extras.eval_scores
-        )
+        reference = parts.reference.eval_scores()
+        batch_inputs = parts.extras.eval_inputs()
+        count = len(data.eval_pairs)
+        if parts.extras.mismatched_eval is not None:  # KTO: the reference also holds these
+            mismatched = score_pairs(
+                lambda batch: engine(**batch.model_inputs()),
+                parts.extras.mismatched_eval,
+                int(parts.trainer.micro_batch_size),
+                int(data.tokenizer.pad_token_id),
+                parts.device,
+            )
+            tail = reference.index(torch.arange(count, 2 * count))
+            batch_inputs["kl_logratios"] = kl_logratios(mismatched, tail)
+            reference = reference.index(torch.arange(count))
+        inputs = objective_inputs(parts.objective, scores, reference, batch_inputs)
         out = feed(parts.objective, inputs)
         metrics.update(means(pair_sums(out, scores), "eval"))
         engine.train()

@@ -53,11 +53,11 @@ class ObjectiveInputs:
         policy: PairScores,
         reference: PairScores,
         length_normalized: bool,
-        data_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+        batch_inputs: dict[str, torch.Tensor] | None = None,
     ) -> ObjectiveInputs:
         """The inputs from the policy's scores (with gradients) and the reference's (detached,
-        on any device: moved to the policy's); ``data_scores``: the pairs' (score_chosen,
-        score_rejected) columns, for ODPO."""
+        on any device: moved to the policy's); ``batch_inputs``: inputs that do not come from
+        scores (ODPO's ``score_chosen`` / ``score_rejected`` columns, KTO's ``kl_logratios``)."""
         device = policy.chosen_logps.device
         extras: dict[str, torch.Tensor] = {}
         for prefix, source in (("policy", policy), ("ref", reference)):
@@ -74,8 +74,8 @@ class ObjectiveInputs:
         ):
             extras["chosen_weighting_logps"] = policy.chosen_weighting_logps
             extras["rejected_weighting_logps"] = policy.rejected_weighting_logps
-        if data_scores is not None:
-            extras["score_chosen"], extras["score_rejected"] = (x.to(device) for x in data_scores)
+        for key, value in (batch_inputs or {}).items():
+            extras[key] = value.to(device)
         return cls(
             policy_chosen=_per_pair(policy.chosen_logps, policy.chosen_counts, length_normalized),
             policy_rejected=_per_pair(
@@ -102,15 +102,16 @@ def objective_output(
     objective: PreferenceLoss,
     policy: PairScores,
     reference: PairScores,
-    data_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> PreferenceLossOutput:
     """``objective`` on the pairs scored by ``policy`` and ``reference`` (same pairs, same order);
-    ``data_scores``: the pairs' score columns when the objective needs them (ODPO).
+    ``batch_inputs``: inputs that do not come from scores (ODPO's score columns, KTO's
+    ``kl_logratios``).
 
     Returns the objective's output: per-pair ``losses`` (differentiable through ``policy``),
     ``chosen_rewards``, ``rejected_rewards`` and ``margins``.
     """
-    return feed(objective, objective_inputs(objective, policy, reference, data_scores))
+    return feed(objective, objective_inputs(objective, policy, reference, batch_inputs))
 
 
 def feed(objective: PreferenceLoss, inputs: ObjectiveInputs) -> PreferenceLossOutput:
@@ -123,7 +124,7 @@ def objective_inputs(
     objective: PreferenceLoss,
     policy: PairScores,
     reference: PairScores,
-    data_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> ObjectiveInputs:
     """The :class:`ObjectiveInputs` of ``objective`` (its length normalisation applied)."""
-    return ObjectiveInputs.from_scores(policy, reference, objective.length_normalized, data_scores)
+    return ObjectiveInputs.from_scores(policy, reference, objective.length_normalized, batch_inputs)

@@ -52,7 +52,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # model: the policy, as a module that scores the sequences of a pair batch
     needs = objective.requirements
     # objective inputs from the data (ODPO's score columns), checked before the model loads
-    extras = PairExtras.for_objective(needs, data.train_pairs, data.eval_pairs)
+    extras = PairExtras.for_objective(
+        needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
+    )
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
     policy = SequenceLogProbs(
         model,
@@ -66,8 +68,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sampler = step_sampler(data.train_pairs, cfg.trainer, dist_utils.world_size(), int(cfg.seed))
     total_steps = _total_steps(cfg.trainer, sampler)
     # reference: chosen now, before DeepSpeed wraps the policy (a live reference copies it)
+    # (KTO's mismatched pairs are scored by the reference with the others: extras.reference_data)
     reference = make_reference(
-        cfg, needs.needs_reference, model, data, device, tails=needs.needs_tail_logps
+        cfg,
+        needs.needs_reference,
+        model,
+        extras.reference_data(data),
+        device,
+        tails=needs.needs_tail_logps,
     )
     # DeepSpeed: the engine, its optimizer and the learning-rate schedule
     engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)

@@ -82,3 +82,22 @@ def test_logged_steps_carry_gradient_weights_and_histograms(tmp_path, train_run,
     tags = set(events.Tags()["histograms"])
     assert {"hist/grad_weight_chosen", "hist/grad_weight_rejected", "hist/margin"} <= tags
     assert len(events.Histograms("hist/margin")) == 2  # one per logged step
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed", "live-reference"])
+def test_kto_trains_and_evaluates_with_mismatched_pairs(
+    tmp_path, train_run, metrics_rows, precompute
+):
+    """KTO's reference point comes from mismatched pairs (scored by the reference with the
+    others, and by the policy each step without gradient): the run trains and evaluates."""
+    run_dir = tmp_path / "run"
+    train_run(
+        run_dir, "method=kto", f"reference.precompute={str(precompute).lower()}",
+        "trainer.tensorboard=false", "trainer.export=false", eval=True,
+    )  # fmt: skip
+    train = metrics_rows(run_dir, "train/loss")
+    evals = metrics_rows(run_dir, "eval/loss")
+    # step 1: policy == reference, every log-ratio (and so z0) is 0: the loss is s(0) = 0.5
+    assert train[0]["train/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert train[1]["train/loss"] != pytest.approx(0.5, abs=1e-7)
+    assert evals and all(math.isfinite(row["eval/loss"]) for row in evals)
