@@ -1,4 +1,5 @@
-"""Our engine against TRL itself: for every method whose name TRL's DPOTrainer shares, both train
+"""Our engine against TRL itself: for every method whose name TRL's DPOTrainer shares (and DPO with
+each f-divergence, LD-DPO's ld_alpha and WPO's use_weighting), both train
 the same tiny Llama on the same pairs, in the same order, with the same optimizer (AdamW, constant
 lr, clipping at 1) for five steps in float32, and every step's loss and mean chosen / rejected
 reward agree within 1e-4.
@@ -39,7 +40,7 @@ TOLERANCE = 1e-4
 METHOD_OPTIONS = {"robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 
 
-def _case(method: str, f_divergence: str | None = None) -> dict:
+def _case(method: str, f_divergence: str | None = None, **transforms: float | bool) -> dict:
     trl_name = METHODS[method].trl_loss_type
     options = METHODS[method].options()
     overrides = [f"method={method}", f"loss={options['loss']}", f"margin={options['margin']}"]
@@ -51,16 +52,23 @@ def _case(method: str, f_divergence: str | None = None) -> dict:
     if f_divergence is not None:
         overrides.append(f"method.f_divergence_type={f_divergence}")
         trl["f_divergence_type"] = f_divergence
+    for key, value in transforms.items():  # the input transforms, same names on both sides
+        overrides.append(f"method.{key}={str(value).lower()}")
+        trl[key] = value
+    suffix = [f_divergence] if f_divergence else [f"{k}-{v}" for k, v in transforms.items()]
     return {
-        "name": method if f_divergence is None else f"{method}+{f_divergence}",
+        "name": "+".join([method, *suffix]),
         "overrides": overrides,
         "trl": trl,
         "compare_rewards": not METHODS[method].length_normalized,
     }
 
 
-CASES = [_case(name) for name in sorted(METHODS) if METHODS[name].trl_loss_type] + [
-    _case("dpo", divergence) for divergence in ("forward_kl", "js_divergence", "alpha_divergence")
+CASES = [
+    *(_case(name) for name in sorted(METHODS) if METHODS[name].trl_loss_type),
+    *(_case("dpo", f) for f in ("forward_kl", "js_divergence", "alpha_divergence")),
+    _case("dpo", ld_alpha=0.5),  # LD-DPO: the tails come out of the engine's LM head
+    _case("dpo", use_weighting=True),  # WPO: so do the weights
 ]
 
 
