@@ -4,8 +4,8 @@ the chosen log-prob fell below the reference's (:mod:`losses.diagnostics`).
 
 Logged per logged step: the means (``train/grad_weight_chosen``, ``train/grad_weight_rejected``,
 ``train/chosen_below_reference``) in ``metrics.jsonl`` and TensorBoard, and TensorBoard
-histograms of the per-pair weights and margins (``hist/...``). The pairs are each rank's own of
-that optimizer step (rank 0's are the ones logged).
+histograms of the per-pair weights and margins (``hist/...``). The means are over every rank's
+pairs of that optimizer step (one small all-reduce at the log step); the histograms show rank 0's.
 
 Cost: per micro batch of a logged step, one more objective call on (B,) detached log-probs and
 ``torch.autograd.grad`` through it (no second backward through the model); about 0.3 ms for B = 8
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from engine import distributed as dist_utils
 from engine.objective import ObjectiveInputs
 from losses.diagnostics import PairDiagnostics, pair_diagnostics
 
@@ -37,22 +38,28 @@ class GradientDiagnostics:
         self._batches.append(pair_diagnostics(objective, *args, **kwargs))
         self.seconds += time.perf_counter() - start
 
-    def flush(self, logger: Any, step: int) -> dict[str, float]:
-        """The means of the collected pairs (``train/...`` keys) and, through ``logger`` (rank 0's
-        :class:`engine.tracking.MetricsLogger`, or None), their histograms; then forget them."""
+    def flush(self, logger: Any, step: int, device: torch.device | str = "cpu") -> dict[str, float]:
+        """The means over every rank's collected pairs (``train/...`` keys; one small all-reduce,
+        so every rank calls this at a log step) and, through ``logger`` (rank 0's
+        :class:`engine.tracking.MetricsLogger`, or None), histograms of this rank's pairs; then
+        forget them."""
         if not self._batches:
             return {}
         start = time.perf_counter()
-        merged = PairDiagnostics(
-            *(
-                torch.cat([getattr(d, name) for d in self._batches]).float().cpu()
-                for name in _FIELDS
-            )
-        )
+        columns = [torch.cat([getattr(d, name) for d in self._batches]) for name in _FIELDS]
+        merged = PairDiagnostics(*(column.float().cpu() for column in columns))
         self._batches.clear()
-        metrics = {
-            f"train/{key}": value for key, value in merged.means().items() if key != "margin"
-        }
+        sums = torch.stack(
+            [
+                torch.tensor(float(merged.margins.numel())),
+                merged.chosen_weights.sum(),
+                merged.rejected_weights.sum(),
+                merged.chosen_below_reference.sum(),
+            ]
+        ).double()
+        count, *totals = dist_utils.all_reduce_sum(sums.to(device)).cpu().tolist()
+        names = ("grad_weight_chosen", "grad_weight_rejected", "chosen_below_reference")
+        metrics = {f"train/{k}": total / count for k, total in zip(names, totals, strict=True)}
         if logger is not None:
             logger.histogram(step, "hist/grad_weight_chosen", merged.chosen_weights)
             logger.histogram(step, "hist/grad_weight_rejected", merged.rejected_weights)

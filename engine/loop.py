@@ -129,7 +129,7 @@ def _log_train(parts: LoopParts, state: RunState) -> None:
         state.last_train["train/grad_norm"] = float(grad_norm)
     state.last_train["train/pairs_per_second"] = pairs_per_second
     state.last_train["train/epoch"] = state.step / parts.sampler.steps_per_epoch
-    state.last_train.update(parts.diagnostics.flush(parts.logger, state.step))
+    state.last_train.update(parts.diagnostics.flush(parts.logger, state.step, parts.device))
     if parts.logger is not None:
         parts.logger.log(state.step, state.last_train)
 
