@@ -1,0 +1,219 @@
+"""Benchmark accuracy by generation: ``python -m engine.evaluate [hydra overrides]``.
+
+    python -m engine.evaluate model=hf model.name_or_path=outputs/run/final_model \\
+        benchmark=[math500,aime24] benchmark.math500.path=math500.jsonl \\
+        benchmark.aime24.path=aime24.parquet
+
+For each benchmark: every problem rendered with the benchmark's prompt, one completion (greedy by
+default), verified against the gold answer. Writes, in ``output_dir`` (default Hydra's run dir):
+
+- ``results.json``: ``benchmarks.<name>`` = ``accuracy``, ``stderr`` (binomial,
+  sqrt(p (1 - p) / n)), ``n``, ``timeouts`` (verifications over the time limit, counted wrong);
+  ``accuracy``: the average over benchmarks (unweighted, as the paper's Avg.);
+- ``results.md``: the paper's table layout, benchmarks as columns, Avg. last (percent);
+- ``records/<name>.jsonl``: one line per problem: prompt, completion, extracted answer, gold,
+  verdict.
+
+Under ``torchrun`` the problems are dealt out across ranks (:mod:`engine.sharding`), each rank
+generates its share on its own device, and rank 0 gathers and writes. ``evaluate(cfg)`` is the
+plain function; :func:`evaluate_benchmarks` is what training calls on its own model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from engine import distributed as dist_utils
+from engine.benchmarks import Benchmark, benchmarks_from_config
+from engine.data import write_jsonl
+from engine.fileio import atomic_write_json, atomic_write_text
+from engine.generation import Backend, PromptFormat, load_backend, render_prompt
+from engine.sharding import gather_in_order, init_if_launched, shard
+from engine.verifiers import VERIFIERS
+
+log = logging.getLogger("engine.evaluate")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One problem's outcome."""
+
+    prompt: str
+    completion: str
+    extracted: str | None
+    gold: str
+    correct: bool
+    timed_out: bool
+
+
+def generate_and_judge(
+    backend: Backend,
+    tokenizer: Any,
+    problems: Sequence[tuple[str, str]],
+    *,
+    prompt: PromptFormat,
+    verifier: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[Record]:
+    """One completion per ``(problem, gold)``, verified; in this process, in order."""
+    rendered = [render_prompt(tokenizer, prompt, problem) for problem, _ in problems]
+    special = {r.add_special_tokens for r in rendered}
+    completions = backend.generate(
+        [r.text for r in rendered],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        add_special_tokens=special.pop() if special else True,
+    )
+    judge = VERIFIERS[verifier].judge
+    records = []
+    for r, completion, (_, gold) in zip(rendered, completions, problems, strict=True):
+        verdict = judge(completion, gold)
+        records.append(
+            Record(r.text, completion, verdict.extracted, gold, verdict.correct, verdict.timed_out)
+        )
+    return records
+
+
+def summarize(records: Sequence[Record]) -> dict[str, float]:
+    """``accuracy``, its binomial ``stderr``, ``n`` and ``timeouts`` (NaN accuracy when empty)."""
+    n = len(records)
+    accuracy = sum(r.correct for r in records) / n if n else float("nan")
+    stderr = math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+    return {
+        "accuracy": accuracy,
+        "stderr": stderr,
+        "n": n,
+        "timeouts": sum(r.timed_out for r in records),
+    }
+
+
+def evaluate_benchmarks(
+    backend: Backend, tokenizer: Any, benchmarks: Sequence[Benchmark]
+) -> tuple[dict[str, Any], dict[str, list[Record]]]:
+    """Every benchmark, sharded across ranks: ``(results, records by benchmark)``.
+
+    ``results`` (the same on every rank) holds ``benchmarks.<name>`` (:func:`summarize`) and
+    ``accuracy``, the unweighted average; the records are gathered on rank 0 (empty elsewhere).
+    """
+    summaries: dict[str, dict[str, float]] = {}
+    all_records: dict[str, list[Record]] = {}
+    for benchmark in benchmarks:
+        problems = benchmark.load()
+        mine = generate_and_judge(
+            backend,
+            tokenizer,
+            shard([(p.problem, p.gold) for p in problems]),
+            prompt=benchmark.prompt,
+            verifier=benchmark.verifier,
+            max_new_tokens=benchmark.max_new_tokens,
+            temperature=benchmark.temperature,
+            top_p=benchmark.top_p,
+        )
+        gathered = gather_in_order(mine)
+        if gathered is not None:
+            summaries[benchmark.name] = summarize(gathered)
+            all_records[benchmark.name] = gathered
+            log.info("%s: %s", benchmark.name, summaries[benchmark.name])
+    summaries = dist_utils.broadcast_object(summaries)
+    results: dict[str, Any] = {
+        "benchmarks": summaries,
+        "accuracy": average(summaries),
+    }
+    return results, all_records
+
+
+def average(summaries: dict[str, dict[str, float]]) -> float:
+    """The unweighted mean accuracy over benchmarks (NaN for none)."""
+    values = [s["accuracy"] for s in summaries.values()]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def markdown_table(results: dict[str, Any], label: str = "model") -> str:
+    """The paper's layout: one row, benchmarks as columns, Avg. last; accuracy in percent with
+    the standard error and n below each."""
+    names = list(results["benchmarks"])
+    header = f"| {' | '.join([label, *names, 'Avg.'])} |"
+    rule = f"|{'|'.join(['---'] * (len(names) + 2))}|"
+    cells = [f"{100 * results['benchmarks'][n]['accuracy']:.1f}" for n in names]
+    mean = f"{100 * results['accuracy']:.1f}"
+    row = f"| {' | '.join(['accuracy (%)', *cells, mean])} |"
+    spread = [
+        f"{100 * results['benchmarks'][n]['stderr']:.1f} (n={results['benchmarks'][n]['n']})"
+        for n in names
+    ]
+    stderr_row = f"| {' | '.join(['stderr (%)', *spread, ''])} |"
+    return "\n".join([header, rule, row, stderr_row]) + "\n"
+
+
+def write_outputs(
+    run_dir: Path, results: dict[str, Any], records: dict[str, list[Record]], label: str
+) -> None:
+    """``results.json``, ``results.md`` and ``records/<name>.jsonl`` (atomic writes)."""
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", markdown_table(results, label))
+    for name, rows in records.items():
+        write_jsonl(run_dir / "records" / f"{name}.jsonl", (asdict(r) for r in rows))
+
+
+def resolve_output_dir(cfg: DictConfig, fallback: str) -> Path:
+    """``cfg.output_dir``, else Hydra's run dir, else ``fallback`` (called outside Hydra): rank
+    0's choice on every rank (a collective)."""
+    run_dir = cfg.get("output_dir")
+    if not run_dir:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            run_dir = HydraConfig.get().runtime.output_dir
+        except ValueError:  # called outside @hydra.main
+            run_dir = fallback
+    return Path(dist_utils.broadcast_object(str(Path(run_dir).resolve())))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.benchmark``; returns (and on rank 0 writes) the results."""
+    benchmarks = benchmarks_from_config(cfg.get("benchmark"))
+    if not benchmarks:
+        raise ValueError("no benchmarks selected: benchmark=[math500,...] (conf/benchmark/)")
+    init_if_launched()
+    backend, tokenizer = load_backend(cfg.generation, cfg.model)
+    results, records = evaluate_benchmarks(backend, tokenizer, benchmarks)
+    results["model"] = cfg.model.get("name_or_path") or "tiny (random weights)"
+    run_dir = resolve_output_dir(cfg, "outputs/evaluate")
+    if dist_utils.is_main():
+        label = Path(str(results["model"])).name
+        write_outputs(run_dir, results, records, label=label)
+        print(markdown_table(results, label=label), flush=True)
+        log.info("results: %s", run_dir / "results.json")
+    dist_utils.barrier()
+    return results
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 makes a run directory
+        sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
+
+    @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        evaluate(cfg)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
