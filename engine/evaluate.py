@@ -16,7 +16,7 @@ default), verified against the gold answer. Writes, in ``output_dir`` (default H
 
 Under ``torchrun`` the problems are dealt out across ranks (:mod:`engine.sharding`), each rank
 generates its share on its own device, and rank 0 gathers and writes. ``evaluate(cfg)`` is the
-plain function; :func:`evaluate_benchmarks` is what training calls on its own model.
+plain function; :class:`BenchmarkEvaluator` is what training calls on its own model.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from engine import distributed as dist_utils
-from engine.benchmarks import Benchmark, benchmarks_from_config
+from engine.benchmarks import Benchmark, Problem, benchmarks_from_config
 from engine.data import write_jsonl
 from engine.fileio import atomic_write_json, atomic_write_text
-from engine.generation import Backend, PromptFormat, load_backend, render_prompt
+from engine.generation import Backend, HFBackend, PromptFormat, load_backend, render_prompt
 from engine.sharding import gather_in_order, init_if_launched, shard
 from engine.verifiers import VERIFIERS
 
@@ -102,28 +102,40 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
 
 
 def evaluate_benchmarks(
-    backend: Backend, tokenizer: Any, benchmarks: Sequence[Benchmark]
+    backend: Backend,
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark],
+    *,
+    problems: dict[str, list[Problem]] | None = None,
+    lockstep: bool = False,
 ) -> tuple[dict[str, Any], dict[str, list[Record]]]:
     """Every benchmark, sharded across ranks: ``(results, records by benchmark)``.
 
     ``results`` (the same on every rank) holds ``benchmarks.<name>`` (:func:`summarize`) and
     ``accuracy``, the unweighted average; the records are gathered on rank 0 (empty elsewhere).
+    ``problems`` (by benchmark name) saves reading the files again. ``lockstep`` gives every
+    rank the same number of prompts (a short shard repeats its last one, whose extra records are
+    dropped), so that ranks call ``generate`` equally often: ZeRO-3 needs every rank in every
+    forward (with ``HFBackend(synced_gpus=True)``).
     """
     summaries: dict[str, dict[str, float]] = {}
     all_records: dict[str, list[Record]] = {}
+    world = dist_utils.world_size()
     for benchmark in benchmarks:
-        problems = benchmark.load()
+        loaded = (problems or {}).get(benchmark.name) or benchmark.load()
+        items = shard([(p.problem, p.gold) for p in loaded])
+        padding = (-(-len(loaded) // world) - len(items)) if lockstep else 0
         mine = generate_and_judge(
             backend,
             tokenizer,
-            shard([(p.problem, p.gold) for p in problems]),
+            items + [items[-1] if items else (loaded[0].problem, loaded[0].gold)] * padding,
             prompt=benchmark.prompt,
             verifier=benchmark.verifier,
             max_new_tokens=benchmark.max_new_tokens,
             temperature=benchmark.temperature,
             top_p=benchmark.top_p,
         )
-        gathered = gather_in_order(mine)
+        gathered = gather_in_order(mine[: len(items)])
         if gathered is not None:
             summaries[benchmark.name] = summarize(gathered)
             all_records[benchmark.name] = gathered
@@ -134,6 +146,30 @@ def evaluate_benchmarks(
         "accuracy": average(summaries),
     }
     return results, all_records
+
+
+class BenchmarkEvaluator:
+    """Benchmark accuracy of a model in memory (what training reports under ``eval``).
+
+    Built once from the ``benchmark`` config selection (the files are read here, so a bad file
+    fails before training starts); each call generates with the model as it is now and returns
+    ``{"accuracy": <average>, "benchmarks": {name: {accuracy, stderr, n, timeouts}}}`` on every
+    rank. ``lockstep`` (ZeRO-3) keeps every rank in every forward.
+    """
+
+    def __init__(self, benchmark_cfg: Any, batch_size: int = 64, lockstep: bool = False) -> None:
+        self.benchmarks = benchmarks_from_config(benchmark_cfg)
+        self.problems = {b.name: b.load() for b in self.benchmarks}
+        self.batch_size, self.lockstep = batch_size, lockstep
+
+    def __call__(self, model: Any, tokenizer: Any, device: Any) -> dict[str, Any]:
+        backend = HFBackend(
+            model, tokenizer, device, batch_size=self.batch_size, synced_gpus=self.lockstep
+        )
+        results, _ = evaluate_benchmarks(
+            backend, tokenizer, self.benchmarks, problems=self.problems, lockstep=self.lockstep
+        )
+        return results
 
 
 def average(summaries: dict[str, dict[str, float]]) -> float:

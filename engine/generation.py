@@ -118,20 +118,24 @@ class HFBackend:
 
     Sampling seeds torch's generator once per call (and restores the global RNG state after), so
     the completions depend on the seed, the prompts and the batch size only. The model's mode and
-    the tokenizer's padding side are given back.
+    the tokenizer's padding side are given back. ``synced_gpus`` is for a model sharded by ZeRO-3.
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, device: torch.device | str = "cpu", batch_size: int = 256
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device | str = "cpu",
+        batch_size: int = 256,
+        synced_gpus: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"generation batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.device, self.batch_size = (
-            model,
-            tokenizer,
-            device,
-            batch_size,
-        )
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.batch_size = device, batch_size
+        # ZeRO-3: every rank runs every forward until all are done (parameters are gathered
+        # collectively); the caller gives every rank the same number of batches
+        self.lockstep = {"synced_gpus": True} if synced_gpus else {}
 
     @torch.no_grad()
     def generate(
@@ -173,6 +177,8 @@ class HFBackend:
                     use_cache=True,
                     repetition_penalty=1.0,
                     **decoding,
+                    **self.lockstep,
+                    **self.lockstep,
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
                 completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -137,3 +137,48 @@ def test_two_ranks_give_the_results_of_one(tmp_path: Path) -> None:
     assert records["two"] == records["one"]  # gathered back into file order on rank 0
     prompts = [json.loads(line)["prompt"] for line in records["one"].splitlines()]
     assert prompts == [p.prompt for p in problems]
+
+
+def test_benchmark_evaluator_scores_a_model_in_memory(tmp_path: Path) -> None:
+    """What training calls: files read once up front, the model as it is at each call."""
+    from omegaconf import OmegaConf
+
+    from engine.evaluate import BenchmarkEvaluator
+    from engine.generation import HFBackend
+    from engine.modeling import load_model, load_tokenizer
+
+    source = tmp_path / "b.jsonl"
+    source.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": i + 1}) + "\n" for i in range(3))
+    )
+    spec = {"path": str(source), "problem_field": "prompt", "verifier": "arithmetic"}
+    spec |= {"prompt": {"system": None, "chat_template": False}, "max_new_tokens": 6}
+    evaluator = BenchmarkEvaluator(OmegaConf.create({"mine": spec}), batch_size=2)
+    source.unlink()  # read at construction
+    model_cfg = OmegaConf.create(
+        {
+            "dtype": "float32",
+            "tiny": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_layers": 1,
+                "num_heads": 2,
+                "max_position_embeddings": 64,
+            },
+        }
+    )
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, tokenizer)
+    results = evaluator(model, tokenizer, "cpu")
+    records = generate_and_judge(
+        HFBackend(model, tokenizer, batch_size=2),
+        tokenizer,
+        [(f"{i}+1=", str(i + 1)) for i in range(3)],
+        prompt=PromptFormat(chat_template=False),
+        verifier="arithmetic",
+        max_new_tokens=6,
+    )
+    assert results == {"benchmarks": {"mine": summarize(records)}, "accuracy": results["accuracy"]}
+    assert results["benchmarks"]["mine"]["n"] == 3
+    with pytest.raises(FileNotFoundError):
+        BenchmarkEvaluator(OmegaConf.create({"mine": spec}))
