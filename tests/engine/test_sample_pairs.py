@@ -174,3 +174,66 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"prompts\.temperature: set temperature=\.\.\."):
         sample_pairs(_compose(f"prompts.path={good}", "+prompts.temperature=0.5", out))
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_split_the_batches_and_give_the_result_of_one(tmp_path: Path) -> None:
+    """The same command under torchrun with two processes: each rank samples its batches, rank 0
+    writes the files, and everything equals a one-process run (random tiny weights: no pair is
+    made, but every count and every sample's verdict is compared through the work log)."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.task.arithmetic import generate_problems
+
+    repo = CONF_DIR.parent
+    source = tmp_path / "q.jsonl"
+    problems = generate_problems(5, seed=2, min_digits=1, max_digits=2)
+    source.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems)
+    )
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    reports = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        command = [
+            sys.executable,
+            *(torchrun if nproc > 1 else []),
+            "-m",
+            "engine.sample_pairs",
+            "model=tiny",
+            f"prompts.path={source}",
+            "prompts.problem_field=prompt",
+            "prompts.verifier=arithmetic",
+            "prompts.prompt.system=null",
+            "prompts.prompt.user='{problem}'",
+            "samples_per_prompt=2",
+            "max_new_tokens=6",
+            "batch_prompts=2",
+            f"output_dir={out}",
+        ]
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        reports[nproc] = json.loads((out / "report.json").read_text())
+        reports[nproc].pop("pairs_file")
+    assert reports[2] == reports[1]
+    assert reports[1]["prompts"] == 5 and reports[1]["samples"] == 10
+    batches = {
+        nproc: {
+            b: entry["counts"]
+            for b, entry in read_parts(tmp_path / f"out{nproc}" / "parts").items()
+        }
+        for nproc in (1, 2)
+    }
+    assert batches[2] == batches[1] and sorted(batches[1]) == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "out2" / "parts").glob("rank-*")) == [
+        "rank-0.jsonl",
+        "rank-1.jsonl",
+    ]
