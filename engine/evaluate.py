@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +34,8 @@ from engine import distributed as dist_utils
 from engine.benchmarks import Benchmark, Problem, benchmarks_from_config
 from engine.data import write_jsonl
 from engine.fileio import atomic_write_json, atomic_write_text
-from engine.generation import Backend, HFBackend, PromptFormat, load_backend, render_prompt
-from engine.sharding import gather_in_order, init_if_launched, shard
+from engine.generation import Backend, HFBackend, PromptFormat, complete, load_backend
+from engine.sharding import gather_in_order, hydra_entry, init_if_launched, shard
 from engine.verifiers import VERIFIERS
 
 log = logging.getLogger("engine.evaluate")
@@ -68,15 +66,15 @@ def generate_and_judge(
     seed: int = 0,
 ) -> list[Record]:
     """One completion per ``(problem, gold)``, verified; in this process, in order."""
-    rendered = [render_prompt(tokenizer, prompt, problem) for problem, _ in problems]
-    special = {r.add_special_tokens for r in rendered}
-    completions = backend.generate(
-        [r.text for r in rendered],
+    rendered, completions = complete(
+        backend,
+        tokenizer,
+        prompt,
+        [problem for problem, _ in problems],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         seed=seed,
-        add_special_tokens=special.pop() if special else True,
     )
     judge = VERIFIERS[verifier].judge
     records = []
@@ -238,18 +236,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _hydra_main() -> None:
-    import hydra
-
-    if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 makes a run directory
-        sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
-
-    @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        evaluate(cfg)
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry("evaluate", evaluate)

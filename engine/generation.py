@@ -85,6 +85,29 @@ def render_prompt(tokenizer: Any, prompt: PromptFormat, problem: str) -> Rendere
     return RenderedPrompt(text, True, text)
 
 
+def complete(
+    backend: Backend,
+    tokenizer: Any,
+    prompt: PromptFormat,
+    problems: Sequence[str],
+    *,
+    samples_per_prompt: int = 1,
+    **decoding: Any,
+) -> tuple[list[RenderedPrompt], list[str]]:
+    """Render each problem (:func:`render_prompt`) and generate ``samples_per_prompt``
+    completions for it (in a row, problem order) with ``decoding`` (``max_new_tokens``,
+    ``temperature``, ``top_p``, ``seed``): ``(rendered prompts, completions)``."""
+    rendered = [render_prompt(tokenizer, prompt, problem) for problem in problems]
+    # one format per call: all chat-templated (no added specials) or all plain text
+    special = rendered[0].add_special_tokens if rendered else True
+    completions = backend.generate(
+        [r.text for r in rendered for _ in range(samples_per_prompt)],
+        add_special_tokens=special,
+        **decoding,
+    )
+    return rendered, completions
+
+
 class Backend(Protocol):
     """What evaluation and pair sampling need from a generation engine."""
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.generation import Backend, PromptFormat, render_prompt
+from engine.generation import Backend, PromptFormat, complete
 from engine.verifiers import VERIFIERS
 
 
@@ -69,15 +69,16 @@ def build_pairs(
             f"samples_per_prompt must be >= 2 (a pair needs a correct and a wrong sample), "
             f"got {samples_per_prompt}"
         )
-    rendered = [render_prompt(tokenizer, prompt, problem) for problem, _ in problems]
-    special = {r.add_special_tokens for r in rendered}
-    samples = backend.generate(
-        [r.text for r in rendered for _ in range(samples_per_prompt)],
+    rendered, samples = complete(
+        backend,
+        tokenizer,
+        prompt,
+        [problem for problem, _ in problems],
+        samples_per_prompt=samples_per_prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         seed=seed,
-        add_special_tokens=special.pop() if special else True,
     )
     judge = VERIFIERS[verifier].judge
     rng = random.Random(seed)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from engine.evaluate import resolve_output_dir
 from engine.fileio import atomic_write_json
 from engine.generation import load_backend
 from engine.pairing import PairCounts, build_pairs
-from engine.sharding import init_if_launched
+from engine.sharding import hydra_entry, init_if_launched
 
 log = logging.getLogger("engine.sample_pairs")
 
@@ -199,18 +198,5 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
     return dist_utils.broadcast_object(report)
 
 
-def _hydra_main() -> None:
-    import hydra
-
-    if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 makes a run directory
-        sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
-
-    @hydra.main(config_path="../conf", config_name="sample_pairs", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        sample_pairs(cfg)
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry("sample_pairs", sample_pairs)

@@ -1,4 +1,5 @@
-"""Splitting work across ranks and putting the results back in order, for generation.
+"""Running generation commands on several ranks: splitting work and putting the results back in
+order, joining a launcher's process group, and the Hydra entry point they share.
 
 Items are dealt out round-robin (rank r takes items r, r + world, ...), which balances long and
 short prompts better than contiguous blocks; :func:`gather_in_order` undoes it on rank 0. Without a
@@ -8,7 +9,9 @@ process group (one process) both are the identity.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -48,3 +51,21 @@ def gather_in_order(mine: list[Any]) -> list[Any] | None:
     for index in range(max(len(part) for part in parts)):
         ordered += [part[index] for part in parts if index < len(part)]
     return ordered
+
+
+def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
+    """``python -m engine.<command>``: compose ``conf/<config_name>.yaml`` with the command line
+    and call ``function(cfg)``. Ranks other than 0 (under torchrun) make no run directory and no
+    log files of their own: rank 0's output directory is broadcast."""
+    import hydra
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: this is not __main__
+
+    @hydra.main(config_path=conf, config_name=config_name, version_base="1.3")
+    def main(cfg: Any) -> None:
+        function(cfg)
+
+    main()
