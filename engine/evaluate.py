@@ -222,13 +222,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     benchmarks = benchmarks_from_config(cfg.get("benchmark"))
     if not benchmarks:
         raise ValueError("no benchmarks selected: benchmark=[math500,...] (conf/benchmark/)")
+    problems = {b.name: b.load() for b in benchmarks}  # a bad file fails before any model work
     init_if_launched()
     backend, tokenizer = load_backend(cfg.generation, cfg.model)
-    results, records = evaluate_benchmarks(backend, tokenizer, benchmarks)
+    results, records = evaluate_benchmarks(backend, tokenizer, benchmarks, problems=problems)
     results["model"] = cfg.model.get("name_or_path") or "tiny (random weights)"
     run_dir = resolve_output_dir(cfg, "outputs/evaluate")
     if dist_utils.is_main():
-        label = Path(str(results["model"])).name
+        model = Path(str(results["model"]))  # a run's final_model/ is named by its run dir
+        label = f"{model.parent.name}/{model.name}" if model.name == "final_model" else model.name
         write_outputs(run_dir, results, records, label=label)
         print(markdown_table(results, label=label), flush=True)
         log.info("results: %s", run_dir / "results.json")
