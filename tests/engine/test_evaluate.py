@@ -182,3 +182,34 @@ def test_benchmark_evaluator_scores_a_model_in_memory(tmp_path: Path) -> None:
     assert results["benchmarks"]["mine"]["n"] == 3
     with pytest.raises(FileNotFoundError):
         BenchmarkEvaluator(OmegaConf.create({"mine": spec}))
+
+
+def test_a_bad_benchmark_file_fails_before_any_model_work(tmp_path: Path, monkeypatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    import engine.evaluate as evaluate_module
+
+    good = tmp_path / "math500.jsonl"
+    good.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    bad = tmp_path / "aime.jsonl"
+    bad.write_text(json.dumps({"problem": "2+2?", "answer": "4"}) + "\n")
+    bad.write_text(bad.read_text() + json.dumps({"problem": "3+3?", "Answer": "6"}) + "\n")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            [
+                "model=tiny",
+                "benchmark=[math500,aime24]",
+                f"benchmark.math500.path={good}",
+                f"benchmark.aime24.path={bad}",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+        )
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the benchmark files were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_backend", no_model)
+    with pytest.raises(ValueError, match=r"aime\.jsonl: line 2: benchmark aime24: missing answer"):
+        evaluate_module.evaluate(cfg)
+    assert not (tmp_path / "out").exists()
