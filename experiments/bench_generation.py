@@ -15,6 +15,7 @@ tokens/s of each and the speed-up.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
         rates["batched"].append(rate_b)
         rates["one at a time"].append(rate_s)
     median = {mode: statistics.median(values) for mode, values in rates.items()}
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     command = "python -m experiments.bench_generation " + " ".join(argv or sys.argv[1:])
     lines = [
         "# Generation speed: batched vs one prompt at a time",
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> Path:
         f"Model: random Llama, hidden {size.hidden_size}, {size.num_layers} layers, vocab "
         f"{size.vocab_size}, float32; {args.prompts} prompts of 32-128 tokens, "
         f"{args.new_tokens} new tokens each (greedy), batch size {args.batch_size}, "
-        f"{args.repeats} repeats (median).",
+        f"{args.repeats} repeats (median).  ",
+        f"Load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores (a shared "
+        "machine: other jobs' load lowers both rates).",
         "",
         "| mode | generated tokens/s (median) | runs |",
         "|---|---|---|",
