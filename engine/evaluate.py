@@ -16,7 +16,8 @@ default), verified against the gold answer. Writes, in ``output_dir`` (default H
 
 Under ``torchrun`` the problems are dealt out across ranks (:mod:`engine.sharding`), each rank
 generates its share on its own device, and rank 0 gathers and writes. ``evaluate(cfg)`` is the
-plain function; :class:`BenchmarkEvaluator` is what training calls on its own model.
+plain function; :class:`BenchmarkEvaluator` is what training calls on its own model
+(``python -m engine.train benchmark=[math500] benchmark.math500.path=...``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as dist_utils
 from engine.benchmarks import Benchmark, Problem, benchmarks_from_config
@@ -147,12 +148,13 @@ def evaluate_benchmarks(
 
 
 class BenchmarkEvaluator:
-    """Benchmark accuracy of a model in memory (what training reports under ``eval``).
+    """Benchmark accuracy of a model in memory: training's evaluator (``engine.sources``).
 
     Built once from the ``benchmark`` config selection (the files are read here, so a bad file
-    fails before training starts); each call generates with the model as it is now and returns
-    ``{"accuracy": <average>, "benchmarks": {name: {accuracy, stderr, n, timeouts}}}`` on every
-    rank. ``lockstep`` (ZeRO-3) keeps every rank in every forward.
+    fails before training starts); :meth:`evaluate` generates with the model as it is now and
+    returns flat metrics (logged as ``eval/<key>``; ``results.json`` nests them):
+    ``accuracy`` (the average) and ``benchmarks/<name>/{accuracy, stderr, n, timeouts}``, the same
+    on every rank. ``lockstep`` (ZeRO-3 on several ranks) keeps every rank in every forward.
     """
 
     def __init__(self, benchmark_cfg: Any, batch_size: int = 64, lockstep: bool = False) -> None:
@@ -160,14 +162,29 @@ class BenchmarkEvaluator:
         self.problems = {b.name: b.load() for b in self.benchmarks}
         self.batch_size, self.lockstep = batch_size, lockstep
 
-    def __call__(self, model: Any, tokenizer: Any, device: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, tokenizer: Any, device: Any) -> dict[str, float]:
+        """Greedy (or as configured) accuracy on every benchmark, and their average."""
         backend = HFBackend(
             model, tokenizer, device, batch_size=self.batch_size, synced_gpus=self.lockstep
         )
         results, _ = evaluate_benchmarks(
             backend, tokenizer, self.benchmarks, problems=self.problems, lockstep=self.lockstep
         )
-        return results
+        metrics = {"accuracy": float(results["accuracy"])}
+        for name, summary in results["benchmarks"].items():
+            metrics |= {f"benchmarks/{name}/{key}": float(v) for key, v in summary.items()}
+        return metrics
+
+
+def benchmark_evaluators(cfg: DictConfig) -> list[BenchmarkEvaluator]:
+    """Training's benchmark evaluator for ``cfg.benchmark`` (none when no benchmark is selected):
+    ``generation.batch_size`` prompts per ``generate`` call, lockstep under ZeRO-3."""
+    if not cfg.get("benchmark"):
+        return []
+    stage = int(OmegaConf.select(cfg, "deepspeed.zero_optimization.stage", default=0) or 0)
+    batch_size = int(OmegaConf.select(cfg, "generation.batch_size", default=64) or 64)
+    lockstep = stage == 3 and dist_utils.world_size() > 1
+    return [BenchmarkEvaluator(cfg.benchmark, batch_size=batch_size, lockstep=lockstep)]
 
 
 def average(summaries: dict[str, dict[str, float]]) -> float:

@@ -27,6 +27,7 @@ from engine import run_state
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
 from engine.config import build_deepspeed_config, build_objective, validate_config
+from engine.evaluate import benchmark_evaluators
 from engine.fileio import atomic_write_json
 from engine.logprobs import SequenceLogProbs
 from engine.loop import LoopParts, run_loop
@@ -47,7 +48,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # setup: checks, the objective, the process group, the run directory, seeds, the device
     objective, run_dir, device = _setup(cfg)
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
+    # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
+    # read now, so a bad one fails before the data source builds anything
+    benchmarks = benchmark_evaluators(cfg)
     data = prepare_data(cfg)
+    data.evaluators.extend(benchmarks)
     # model: the policy, as a module that scores the sequences of a pair batch
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
     policy = SequenceLogProbs(
@@ -187,11 +192,24 @@ def _results(
         "world_size": dist_utils.world_size(),
         "wall_seconds": time.time() - started,
         "train": {k.split("/", 1)[1]: v for k, v in state.last_train.items()},
-        "eval": {k.split("/", 1)[1]: v for k, v in state.last_eval.items()},
+        "eval": _nested({k.split("/", 1)[1]: v for k, v in state.last_eval.items()}),
         "data": data.reports(),
     }
     results.update(data.extra_results)
     return results
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"benchmarks/math500/accuracy": v}`` -> ``{"benchmarks": {"math500": {"accuracy": v}}}``
+    (metrics are logged flat; results.json reads ``eval.benchmarks.<name>.accuracy``)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
 
 
 def _summary_line(results: dict[str, Any]) -> str:

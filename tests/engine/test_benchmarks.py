@@ -227,3 +227,24 @@ def test_limit_takes_the_first_problems(tmp_path: Path) -> None:
     source = _write_jsonl(tmp_path / "b.jsonl", rows)
     problems = Benchmark.from_config("b", {"path": str(source), "limit": 2}).load()
     assert [p.gold for p in problems] == ["0", "1"]
+
+
+def test_paper_ablation_names_the_papers_five_benchmarks() -> None:
+    from engine.config import ConfigError, validate_config
+    from engine.evaluate import benchmark_evaluators
+
+    five = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=paper_ablation", "data.train=x.jsonl"])
+        paths = [f"benchmark.{name}.path=/data/{name}.jsonl" for name in five]
+        given = compose(
+            "config", overrides=["+experiment=paper_ablation", "data.train=x.jsonl", *paths]
+        )
+        plain = compose("config")
+    assert list(cfg.benchmark) == five
+    assert cfg.trainer.eval_every == 0  # evaluated at the end of each run
+    with pytest.raises(ConfigError, match=r"benchmark\.aime24\.path: is required"):
+        validate_config(cfg)
+    validate_config(given)
+    assert given.benchmark.olympiadbench.answer_format == "dollar_list"
+    assert plain.get("benchmark") is None and benchmark_evaluators(plain) == []

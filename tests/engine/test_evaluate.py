@@ -169,7 +169,7 @@ def test_benchmark_evaluator_scores_a_model_in_memory(tmp_path: Path) -> None:
     )
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, tokenizer)
-    results = evaluator(model, tokenizer, "cpu")
+    metrics = evaluator.evaluate(model, tokenizer, "cpu")
     records = generate_and_judge(
         HFBackend(model, tokenizer, batch_size=2),
         tokenizer,
@@ -178,8 +178,12 @@ def test_benchmark_evaluator_scores_a_model_in_memory(tmp_path: Path) -> None:
         verifier="arithmetic",
         max_new_tokens=6,
     )
-    assert results == {"benchmarks": {"mine": summarize(records)}, "accuracy": results["accuracy"]}
-    assert results["benchmarks"]["mine"]["n"] == 3
+    summary = summarize(records)
+    assert metrics == {
+        "accuracy": summary["accuracy"],
+        **{f"benchmarks/mine/{key}": float(value) for key, value in summary.items()},
+    }
+    assert metrics["benchmarks/mine/n"] == 3.0
     with pytest.raises(FileNotFoundError):
         BenchmarkEvaluator(OmegaConf.create({"mine": spec}))
 
@@ -213,3 +217,61 @@ def test_a_bad_benchmark_file_fails_before_any_model_work(tmp_path: Path, monkey
     with pytest.raises(ValueError, match=r"aime\.jsonl: line 2: benchmark aime24: missing answer"):
         evaluate_module.evaluate(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_training_reports_benchmark_accuracy(
+    tmp_path: Path, pair_files, compose_config, run_overrides, metrics_rows
+) -> None:
+    """benchmark=[...] in a training run: evaluated every trainer.eval_every steps and at the end,
+    logged flat (eval/benchmarks/<name>/accuracy), nested in results.json; eval.accuracy is the
+    average over benchmarks."""
+    from engine.train import train
+
+    sources = {}
+    for name, offset in (("arithmetic", 0), ("second", 5)):
+        sources[name] = tmp_path / f"{name}.jsonl"
+        sources[name].write_text(
+            "".join(
+                json.dumps({"prompt": f"{i}+{offset}=", "answer": i + offset}) + "\n"
+                for i in range(4)
+            )
+        )
+    # the second benchmark: arithmetic's config under another name, via Hydra's + syntax
+    second = {
+        "path": str(sources["second"]),
+        "problem_field": "prompt",
+        "verifier": "arithmetic",
+        "prompt": {"system": None, "chat_template": False},
+        "max_new_tokens": 8,
+    }
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        [
+            *run_overrides(pair_files.train, None, run_dir, steps=2),
+            "trainer.eval_every=1",
+            "benchmark=[arithmetic]",
+            f"benchmark.arithmetic.path={sources['arithmetic']}",
+            "benchmark.arithmetic.max_new_tokens=8",
+            "generation.batch_size=3",
+        ]
+    )
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.benchmark.second = second
+    results = train(cfg)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    benchmarks = on_disk["eval"]["benchmarks"]
+    assert set(benchmarks) == {"arithmetic", "second"}
+    for summary in benchmarks.values():
+        assert set(summary) == {"accuracy", "stderr", "n", "timeouts"} and summary["n"] == 4
+        p = summary["accuracy"]
+        assert summary["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
+    assert on_disk["eval"]["accuracy"] == pytest.approx(
+        (benchmarks["arithmetic"]["accuracy"] + benchmarks["second"]["accuracy"]) / 2
+    )
+    assert results["eval"] == on_disk["eval"]
+    rows = metrics_rows(run_dir, "eval/benchmarks/arithmetic/accuracy")
+    assert [row["step"] for row in rows] == [1, 2]  # every eval_every step and the end
+    assert all("eval/accuracy" in row for row in rows)

@@ -82,7 +82,7 @@ def test_math_pairs_data_config(compose_config) -> None:
 
 
 def test_paper_ablation_needs_a_train_file(compose_config) -> None:
-    cfg = compose_config(["+experiment=paper_ablation"])
+    cfg = compose_config(["+experiment=paper_ablation", "benchmark=[]"])
     with pytest.raises(ConfigError, match=r"data\.train"):
         validate_config(cfg)
 
@@ -96,7 +96,9 @@ def test_paper_ablation_defaults_to_the_headline_model(compose_config) -> None:
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
 def test_paper_ablation_resolves_the_paper_hyperparameters(compose_config, name: str) -> None:
-    cfg = compose_config(["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl"])
+    cfg = compose_config(
+        ["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl", "benchmark=[]"]
+    )
     validate_config(cfg)
     assert cfg.model.name_or_path == PAPER_MODELS[name][0]  # the command line's model= wins
     assert cfg.model.dtype == "bfloat16"
@@ -426,6 +428,7 @@ def test_shrunk_paper_model_trains_under_zero3(
     cfg = compose_config(
         [
             "+experiment=paper_ablation",
+            "benchmark=[]",  # no benchmark files here (the paper's five need generation)
             f"model={name}",
             f"model.name_or_path={model_dir}",
             f"model.dtype={dtype}",
