@@ -47,10 +47,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     # setup: checks, the objective, the process group, the run directory, seeds, the device
     objective, run_dir, device = _setup(cfg)
-    # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
     # read now, so a bad one fails before the data source builds anything
     benchmarks = benchmark_evaluators(cfg)
+    # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     data = prepare_data(cfg)
     data.evaluators.extend(benchmarks)
     # model: the policy, as a module that scores the sequences of a pair batch
