@@ -208,6 +208,21 @@ def latest_verified_step(checkpoint_dir: Path) -> int | None:
     return None
 
 
+def resume_step(checkpoint_dir: Path) -> int | None:
+    """:func:`latest_verified_step` for every rank: rank 0 reads and checks the saves (once, not
+    once per rank) and broadcasts the step, or the :class:`CheckpointError` every rank raises."""
+    answer: int | str | None = None
+    if dist_utils.is_main():
+        try:
+            answer = latest_verified_step(checkpoint_dir)
+        except CheckpointError as error:
+            answer = str(error)
+    answer = dist_utils.broadcast_object(answer)
+    if isinstance(answer, str):
+        raise CheckpointError(answer)
+    return answer
+
+
 # ---- saving -------------------------------------------------------------------------------------
 
 
