@@ -208,7 +208,7 @@ def latest_verified_step(checkpoint_dir: Path) -> int | None:
     return None
 
 
-def resume_step(checkpoint_dir: Path) -> int | None:
+def find_verified_step(checkpoint_dir: Path) -> int | None:
     """:func:`latest_verified_step` for every rank: rank 0 reads and checks the saves (once, not
     once per rank) and broadcasts the step, or the :class:`CheckpointError` every rank raises."""
     answer: int | str | None = None

@@ -153,6 +153,7 @@ def exit_preempted(stop: Preempted, *, requeue: bool) -> NoReturn:
     requeues and exits itself on rank 0. Then, or without ``requeue``, ``SystemExit`` with
     :data:`PREEMPTED_EXIT_CODE`.
     """
+    log.warning("%s", stop)
     if requeue:
         for signum in stop.signals:
             handler = stop.previous_handlers.get(signum)

@@ -8,7 +8,6 @@ DeepSpeed save of the tiny model and resumes through ``engine.train.train``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -200,5 +199,29 @@ def test_retention_never_counts_saves_of_an_abandoned_timeline(tmp_path):
 # ---- end to end: a damaged DeepSpeed save of the tiny model -------------------------------------
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def test_resume_skips_a_truncated_save_of_a_real_run(
+    tmp_path, train_run, metrics_rows, metrics_match, caplog
+):
+    """Three steps saved at 2 and 3; one ``.pt`` file of step 3 cut in half (what made
+    ``trainer.resume=auto`` crash with "PytorchStreamReader failed reading zip archive"). Resume
+    warns, falls back to step 2, retrains step 3 and ends where the undamaged run ended."""
+    options = ("trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.tensorboard=false")
+    run_dir = tmp_path / "run"
+    expected, _ = train_run(run_dir, *options, eval=True, steps=3)
+    expected_rows = metrics_rows(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    assert complete_steps(checkpoints) == [2, 3]
+    manifest = read_manifest(checkpoints / "step_3")
+    assert {"mp_rank_00_model_states.pt", "rng_rank0.pt"} <= manifest["files"].keys()
+    assert latest_verified_step(checkpoints) == 3
+
+    victim = max((checkpoints / "step_3").glob("*.pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with caplog.at_level(logging.INFO):
+        results, _ = train_run(run_dir, *options, "trainer.resume=auto", eval=True, steps=3)
+    warned = warnings_of(caplog)
+    assert f"{victim.name}: size" in warned and "(truncated)" in warned and "step_3" in warned
+    assert f"resuming from {checkpoints / 'step_2'}" in caplog.text
+    metrics_match.rows(metrics_rows(run_dir), expected_rows, rtol=1e-6)
+    metrics_match.results(results, expected, rtol=1e-6)
+    assert latest_verified_step(checkpoints) == 3  # the new save of step 3 is whole again

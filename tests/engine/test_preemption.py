@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine.checkpoint import complete_steps, latest_verified_step, read_manifest
 from engine.preemption import (
     PREEMPTED_EXIT_CODE,
     Preempted,
@@ -144,6 +147,59 @@ def test_without_resume_the_signal_is_not_handed_on(fake_submitit, caplog):
     assert "trainer.resume is not 'auto'" in caplog.text
 
 
+class HydraLikeJob:
+    """Stands for hydra-submitit-launcher's launcher: ``checkpoint()`` resubmits itself."""
+
+    def __call__(self, overrides: list[str]) -> None:
+        raise AssertionError("never run here")
+
+    def checkpoint(self, overrides: list[str]) -> object:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, overrides)
+
+
+def test_submitit_requeues_only_after_the_stop(tmp_path, monkeypatch):
+    """The real submitit signal handling, as a job installs it (SIGTERM and SIGCONT logged,
+    SIGUSR2 checkpoint-and-requeue); only ``scontrol requeue`` is replaced by a record."""
+    submitit = pytest.importorskip("submitit")
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    requeued: list[int] = []
+
+    class Cluster(SlurmJobEnvironment):
+        def _requeue(self, countdown: int) -> None:
+            requeued.append(countdown)
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR2)}
+    paths = submitit.core.utils.JobPaths(tmp_path, job_id="42", task_id=0)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    delayed = submitit.helpers.DelayedSubmission(HydraLikeJob(), ["trainer.resume=auto"])
+    delayed.set_timeout(60, 3)  # timeout_min, max_num_timeout
+    try:
+        Cluster()._handle_signals(paths, delayed)
+        with PreemptionGuard() as guard:  # under submitit: SIGTERM, SIGUSR1, SIGUSR2
+            signal.raise_signal(signal.SIGTERM)  # a preemption: SIGTERM, then the user signal
+            signal.raise_signal(signal.SIGUSR2)
+            assert requeued == []  # held while the step finishes and the checkpoint is written
+            assert guard.should_stop(CPU)
+            stop = guard.preempted(12)
+        with pytest.raises(SystemExit) as exited:
+            exit_preempted(stop, requeue=True)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert requeued == [3]  # a preemption: no timeout used up
+    assert exited.value.code == -1  # submitit's own exit after requeueing
+    resubmitted = submitit.helpers.DelayedSubmission.load(paths.submitted_pickle)
+    assert isinstance(resubmitted.function, HydraLikeJob)
+    assert resubmitted.args == (["trainer.resume=auto"],)
+
+
 # ---- two gloo processes: a signal to one rank stops both at the same step ----------------------
 
 WORKER = textwrap.dedent(
@@ -198,3 +254,133 @@ def test_two_ranks_agree_on_the_stop_step(tmp_path):
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert records[0] == {"step": 4, "signals": ["SIGUSR1"], "received": []}
     assert records[1] == {"step": 4, "signals": ["SIGUSR1"], "received": ["SIGUSR1"]}
+
+
+# ---- end to end: SIGTERM in the middle of a training run, then resume ----------------------------
+
+STEPS = 24
+RTOL = 1e-6
+
+
+def cell_overrides(base_overrides, run_dir: Path) -> list[str]:
+    """A sweep cell as a user starts it: resume=auto from the start, checkpoints only at the end
+    (so the one a stop leaves is the stop's own), train rows every 3 steps, eval every 10."""
+    return [
+        *base_overrides(run_dir, eval=True, steps=STEPS),
+        "trainer.log_every=3",
+        "trainer.eval_every=10",
+        "trainer.save_every=0",
+        "trainer.tensorboard=false",
+        "trainer.resume=auto",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def start_training(cli, overrides: list[str], cwd: Path, nproc: int = 1) -> subprocess.Popen:
+    """``python -m engine.train`` (under torchrun for ``nproc`` > 1) in the background; its
+    output goes to ``cwd/output.log``."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "engine.train", *overrides]
+    cwd.mkdir(parents=True, exist_ok=True)
+    with (cwd / "output.log").open("w") as log:
+        return subprocess.Popen(cmd, cwd=cwd, env=cli.env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_training_step(
+    metrics_rows, proc: subprocess.Popen, run_dir: Path, timeout: float = 300
+) -> int:
+    """Block until ``metrics.jsonl`` has a train row (the run is inside its loop); its step.
+    Polls: it assumes nothing about how fast the machine is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before it was signalled: {proc.returncode}"
+        rows = metrics_rows(run_dir, "train/loss")
+        if rows:
+            return max(row["step"] for row in rows)
+        time.sleep(0.02)
+    pytest.fail(f"no train row in {run_dir / 'metrics.jsonl'} after {timeout} s")
+
+
+def finish(cli, proc: subprocess.Popen, cwd: Path, timeout: float = 300) -> str:
+    """Wait for ``proc`` (killing its tree after ``timeout``); its output."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        cli.kill_tree(proc.pid)
+        proc.wait()
+        pytest.fail(f"still running after {timeout} s:\n{(cwd / 'output.log').read_text()[-4000:]}")
+    return (cwd / "output.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_an_uninterrupted_run(
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match
+):
+    reference_dir = tmp_path / "reference"
+    reference = cli.run(cell_overrides(base_overrides, reference_dir), cwd=tmp_path)
+    assert reference.returncode == 0, cli.describe(reference)
+
+    run_dir = tmp_path / "run"
+    cwd = tmp_path / "interrupted"
+    proc = start_training(cli, cell_overrides(base_overrides, run_dir), cwd)
+    seen = wait_for_training_step(metrics_rows, proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(cli, proc, cwd)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+
+    # the stop: after a whole step, with one complete, verified checkpoint of that step
+    checkpoints = run_dir / "checkpoints"
+    [stopped] = complete_steps(checkpoints)
+    assert seen <= stopped < STEPS, output[-4000:]
+    assert latest_verified_step(checkpoints) == stopped
+    assert f"stopped after step {stopped} on SIGTERM" in output
+    assert not (run_dir / "results.json").exists() and not (run_dir / "final_model").exists()
+    assert not (run_dir / "failed.json").exists()  # a stop is not a failure
+    assert max(row["step"] for row in metrics_rows(run_dir)) <= stopped
+
+    resumed = cli.run(cell_overrides(base_overrides, run_dir), cwd=cwd)
+    assert resumed.returncode == 0, cli.describe(resumed)
+    assert f"resuming from {checkpoints / f'step_{stopped}'}" in resumed.stdout + resumed.stderr
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(reference_dir), rtol=RTOL)
+    results = json.loads((run_dir / "results.json").read_text())
+    expected = json.loads((reference_dir / "results.json").read_text())
+    metrics_match.results(results, expected, rtol=RTOL)
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The torchrun worker process of ``rank`` (read from its environment)."""
+    from tests.engine.conftest import descendants  # not on the cli fixture (yet)
+
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and f"LOCAL_RANK={rank}".encode() in environ:
+            return pid
+    pytest.fail(f"no worker of rank {rank} under torchrun ({launcher_pid})")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(
+    tmp_path, base_overrides, cli, metrics_rows
+):
+    run_dir = tmp_path / "run"
+    overrides = [*cell_overrides(base_overrides, run_dir), "trainer.micro_batch_size=1"]
+    proc = start_training(cli, overrides, tmp_path, nproc=2)
+    seen = wait_for_training_step(metrics_rows, proc, run_dir)
+    os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only; rank 0 learns it by agreement
+    output = finish(cli, proc, tmp_path)
+    for rank in (0, 1):  # torchrun's failure report: both workers exited with the stop status
+        report = rf"rank\s+: {rank} \(local_rank: {rank}\)\s+exitcode\s+: {PREEMPTED_EXIT_CODE} "
+        assert re.search(report, output), output[-4000:]
+
+    # one complete save, to which both ranks contributed at the same step
+    checkpoints = run_dir / "checkpoints"
+    [stopped] = complete_steps(checkpoints)
+    assert seen <= stopped < STEPS
+    assert latest_verified_step(checkpoints) == stopped
+    saved = read_manifest(checkpoints / f"step_{stopped}")["files"]
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= saved.keys()
+    assert f"stopped after step {stopped} on SIGTERM" in output
