@@ -148,12 +148,17 @@ class PreemptionGuard:
 def exit_preempted(stop: Preempted, *, requeue: bool) -> NoReturn:
     """Leave the process after a :class:`Preempted` stop.
 
-    ``requeue`` (the run resumes with ``trainer.resume=auto``): each received signal whose previous
-    handler was a Python function (submitit's) gets it called, in watch order; submitit's
-    requeues and exits itself on rank 0. Then, or without ``requeue``, ``SystemExit`` with
-    :data:`PREEMPTED_EXIT_CODE`.
+    From here the watched signals are ignored (the checkpoint is complete; the exit must not be
+    cut short). ``requeue`` (the run resumes with ``trainer.resume=auto``): each received signal
+    whose previous handler was a Python function (submitit's) gets it called, in watch order;
+    submitit's requeues and exits itself on rank 0. Then, or without ``requeue``,
+    ``SystemExit`` with :data:`PREEMPTED_EXIT_CODE`. Call it in the main thread.
     """
     log.warning("%s", stop)
+    # the run is on its way out: a second stop signal (e.g. torchrun's SIGTERM once another rank
+    # has left) must not cut the requeue short; SIGKILL still ends it
+    for signum in stop.previous_handlers:
+        signal.signal(signum, signal.SIG_IGN)
     if requeue:
         for signum in stop.signals:
             handler = stop.previous_handlers.get(signum)
