@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from engine.tracking import report_targets
 from losses import PreferenceLoss
 
 #: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
@@ -108,6 +109,10 @@ def validate_config(cfg: DictConfig) -> None:
         f"must be null or auto, got {trainer.get('resume')!r}",
     )
     _validate_switches(cfg)
+    try:
+        report_targets(trainer)
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     data = cfg.data
     _require(
         data.get("on_bad_row") in _BAD_ROW_MODES,
