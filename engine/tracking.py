@@ -1,6 +1,7 @@
-"""Run outputs written by rank 0: ``metrics.jsonl`` (one JSON object per logged step), plus the
-trackers that ``trainer.report_to`` lists (TensorBoard by default; Weights & Biases and MLflow
-through their own libraries, the ``tracking`` extra), and the reader of ``metrics.jsonl``.
+"""Run outputs written by rank 0: ``metrics.jsonl`` (one JSON object per logged step; read back
+with :func:`engine.metrics.read_metrics`), plus the trackers that ``trainer.report_to`` lists
+(TensorBoard by default; Weights & Biases and MLflow through their own libraries, the
+``tracking`` extra).
 
 ``MetricsLogger.from_config(run_dir, cfg, resume_step)`` is all the loop calls: it opens every
 tracker the config asks for, logs the resolved config to W&B and MLflow as parameters (flattened
@@ -27,25 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.fileio import atomic_write_text
+from engine.metrics import read_metrics
 
 #: the tracker names ``trainer.report_to`` accepts (TensorBoard needs no extra)
 REPORTERS = ("tensorboard", "wandb", "mlflow")
 DEFAULT_PROJECT = "preference-loss-zoo"
 _EXTRA_HINT = "pip install -e '.[tracking]'"
 _MLFLOW_BATCH = 100  # MLflow's limit of parameters per log_batch call
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl``; a torn last line (a killed run) is dropped."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # only the last line can be torn: everything before it was flushed whole
-    return rows
 
 
 def report_targets(trainer: Mapping[str, Any]) -> list[str]:

@@ -12,7 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from engine.config import ConfigError, validate_config
-from engine.tracking import MetricsLogger, flatten_config, read_metrics, report_targets
+from engine.metrics import read_metrics
+from engine.tracking import MetricsLogger, flatten_config, report_targets
 
 ROWS = [(1, {"train/loss": 0.7, "train/reward_accuracy": 0.5}), (2, {"train/loss": 0.6})]
 
