@@ -93,3 +93,19 @@ def test_bad_values_name_their_key(compose_config, key, value):
     expected = rf"config key {re.escape(key)}: must be null or an integer > 0"
     with pytest.raises(ConfigError, match=expected):
         validate_config(cfg)
+
+
+@pytest.mark.slow
+def test_train_derives_grad_accum_from_the_global_batch(tmp_path, train_run, metrics_match):
+    """global_batch=4 with micro batches of 2 in one process is grad_accum=2: the same run."""
+    from engine.metrics import read_metrics
+
+    _, derived = train_run(tmp_path / "derived", "trainer.global_batch=4", steps=3)
+    _, explicit = train_run(tmp_path / "explicit", "trainer.grad_accum=2", steps=3)
+    saved = OmegaConf.load(derived / "config.yaml").trainer
+    assert (saved.micro_batch_size, saved.grad_accum, saved.global_batch) == (2, 2, 4)
+    rows = read_metrics(derived / "metrics.jsonl")
+    assert len(rows) == 3
+    metrics_match.rows(rows, read_metrics(explicit / "metrics.jsonl"), rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"trainer\.grad_accum: 3 conflicts"):
+        train_run(tmp_path / "conflict", "trainer.global_batch=4", "trainer.grad_accum=3")

@@ -180,3 +180,21 @@ def test_a_missing_library_names_the_extra(compose_config, tmp_path, monkeypatch
     cfg = compose_config([f"trainer.report_to=[{module}]"])
     with pytest.raises(ImportError, match=rf"report_to lists {module}.*\.\[tracking\]"):
         MetricsLogger.from_config(tmp_path, cfg)
+
+
+@pytest.mark.slow
+def test_a_training_run_reports_to_every_tracker(offline_trackers, train_run):
+    tmp_path = offline_trackers
+    results, run_dir = train_run(
+        tmp_path / "run", "trainer.report_to=[tensorboard,wandb,mlflow]", steps=2
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    config, history, _ = read_wandb(tmp_path / "wandb_dir")
+    assert [row["_step"] for row in history] == [1, 2]
+    assert history[-1]["train/loss"] == pytest.approx(results["train"]["loss"])
+    assert config["trainer.grad_accum"] == 1 and config["trainer.global_batch"] == 2  # resolved
+    params, metrics, status = read_mlflow(tmp_path)
+    assert params["data.kind"] == "files" and params["trainer.max_steps"] == "2"
+    assert [step for step, _ in metrics["train/loss"]] == [1, 2] and status == "FINISHED"
