@@ -136,8 +136,7 @@ class _MLflow:
 
         self._client = client = MlflowClient()  # MLFLOW_TRACKING_URI, or MLflow's default
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = _experiment_id(client, experiment)
 
         def new_run() -> str:
             return client.create_run(experiment_id, run_name=name).info.run_id
@@ -159,6 +158,23 @@ class _MLflow:
 
     def close(self) -> None:
         self._client.set_terminated(self._run_id)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of MLflow experiment ``name``, created if needed (parallel sweep jobs may race to
+    create it: the loser finds the winner's)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _param_text(value: Any) -> str:
