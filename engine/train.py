@@ -37,6 +37,7 @@ from engine.logprobs import SequenceLogProbs
 from engine.loop import LoopParts, run_loop
 from engine.modeling import load_model
 from engine.packing import PairLayout
+from engine.preemption import Preempted, exit_preempted
 from engine.reference import make_reference
 from engine.run_state import RunState, find_resume_step
 from engine.sources import PreparedData, prepare_data
@@ -234,9 +235,13 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_st
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """``train`` with failure reporting for sweeps: a crash writes ``failed.json`` (error and
-    traceback) in the run directory before re-raising, so a sweep's summary can list it."""
+    traceback) in the run directory before re-raising, so a sweep's summary can list it. A stop
+    signal (:mod:`engine.preemption`) is no failure: after its checkpoint the process exits for
+    a requeue (status 75, or submitit's own requeue under ``hydra/launcher=slurm``)."""
     try:
         return train(cfg)
+    except Preempted as stop:  # checkpoint complete: exit for a requeue (engine/preemption.py)
+        exit_preempted(stop, requeue=cfg.trainer.get("resume") == "auto")
     except Exception as error:
         if dist_utils.is_main():
             try:
