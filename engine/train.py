@@ -26,7 +26,12 @@ from engine import distributed as dist_utils
 from engine import run_state
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
-from engine.config import build_deepspeed_config, build_objective, validate_config
+from engine.config import (
+    build_deepspeed_config,
+    build_objective,
+    resolve_batch,
+    validate_config,
+)
 from engine.evaluate import benchmark_evaluators
 from engine.fileio import atomic_write_json
 from engine.logprobs import SequenceLogProbs
@@ -46,8 +51,9 @@ log = logging.getLogger("engine.train")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
     started = time.time()
-    # setup: checks, the objective, the process group, the run directory, seeds, the device
-    objective, run_dir, device = _setup(cfg)
+    # setup: checks, the objective, the process group, the batch for its world size (grad_accum
+    # from trainer.global_batch), the run directory, seeds, the device
+    cfg, objective, run_dir, device = _setup(cfg)
     # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
     # read now, so a bad one fails before the data source builds anything
     benchmarks = benchmark_evaluators(cfg)
@@ -77,11 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reference.prepare(engine, run_dir, resume=resume_step is not None)
     # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
     state = run_state.restore(engine, checkpoint_dir, resume_step)
-    logger = (
-        MetricsLogger(run_dir, resume_step=resume_step, tensorboard=bool(cfg.trainer.tensorboard))
-        if dist_utils.is_main()
-        else None
-    )
+    # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only
+    logger = MetricsLogger.from_config(run_dir, cfg, resume_step) if dist_utils.is_main() else None
     # loop: forward, loss, backward, step, log, eval, checkpoint
     parts = LoopParts(
         trainer=cfg.trainer,
@@ -112,14 +115,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
+def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.device]:
     """Check the config and build the objective (before anything is created), then start the
-    process group, make the run directory with its config.yaml, seed, and pick the device."""
+    process group, resolve the batch for its world size (:func:`engine.config.resolve_batch`),
+    make the run directory with its config.yaml, seed, and pick the device. Returns the
+    resolved config, which the rest of the run reads."""
     validate_config(cfg)
     objective = build_objective(cfg)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
     dist_utils.init_distributed()
+    cfg = resolve_batch(cfg, dist_utils.world_size())
     run_dir = _resolve_run_dir(cfg)
     if dist_utils.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -129,7 +135,7 @@ def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    return objective, run_dir, device
+    return cfg, objective, run_dir, device
 
 
 def _resolve_run_dir(cfg: DictConfig) -> Path:

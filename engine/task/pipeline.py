@@ -160,7 +160,8 @@ def prepare_math_task(cfg: DictConfig) -> MathTask:
 
 
 def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None:
-    from engine.modeling import load_model, load_tokenizer
+    from engine.modeling import load_model
+    from engine.task.tokenizer import build_tokenizer
 
     started = time.time()
     for stale in final.parent.glob(f"{final.name}.building-*"):  # left by a killed build
@@ -176,9 +177,7 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
 
     data = cfg.data
     seed = int(data.problems.task_seed)
-    tokenizer = load_tokenizer(
-        OmegaConf.merge(cfg.model, {"name_or_path": None, "tokenizer": None})
-    )
+    tokenizer = build_tokenizer()  # the task's own 23 tokens, saved with its SFT model
     model = load_model(
         OmegaConf.merge(cfg.model, {"name_or_path": None, "dtype": "float32"}), tokenizer, seed=seed
     )
