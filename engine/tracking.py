@@ -92,6 +92,9 @@ class _TensorBoard:
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, step)
 
+    def histogram(self, step: int, key: str, values: Any) -> None:
+        self._writer.add_histogram(key, values, step)
+
     def close(self) -> None:
         self._writer.close()
 
@@ -256,10 +259,11 @@ class MetricsLogger:
             tracker.log(step, values)
 
     def histogram(self, step: int, key: str, values: Any) -> None:
-        """A TensorBoard histogram of ``values`` (a tensor or array) at ``step`` (no-op without
-        TensorBoard; histograms do not go to metrics.jsonl)."""
-        if self._writer is not None:
-            self._writer.add_histogram(key, values, step)
+        """A histogram of ``values`` (a tensor or array) at ``step``, for the trackers that draw
+        histograms (TensorBoard); not written to metrics.jsonl."""
+        for tracker in self._trackers:
+            if hasattr(tracker, "histogram"):
+                tracker.histogram(step, key, values)
 
     def close(self) -> None:
         """Flush and close the file, and finish every tracker's run."""
