@@ -327,9 +327,12 @@ class SequenceLogProbs(nn.Module):
         head = self.model.get_output_embeddings()
         if self.chunked:
             selected = flat.index_select(0, score_positions)  # (M, H), M = scored tokens
-            logps, log_sum_sq = token_logps_and_sum_sq(
-                selected, head, score_targets, self.chunk_size, self.keep_mb, self.weighting
-            )
+            if self.weighting:
+                logps, log_sum_sq = token_logps_and_sum_sq(
+                    selected, head, score_targets, self.chunk_size, self.keep_mb, True
+                )
+            else:
+                logps = token_logps(selected, head, score_targets, self.chunk_size, self.keep_mb)
         else:  # naive: materializes rows x T x vocab float32 log-probs
             all_logps = F.log_softmax(head(flat).float(), dim=-1)
             logps = all_logps[score_positions, score_targets]
