@@ -26,8 +26,9 @@ reply); implicit prompt (no ``prompt`` column):
   ``"Q: 2+2? A: 5"`` -> prompt ``"Q: 2+2? A:"``, responses ``" 4"`` / ``" 5"``), as TRL does. A
   shared prefix without whitespace (or none) is a bad row. Give a ``prompt`` column when you can.
 
-Extra columns are ignored; ``columns={"prompt": "question", ...}`` reads a field from another
-column.
+Extra columns are ignored, except the optional numeric ``score_chosen`` / ``score_rejected``
+(UltraFeedback's; ODPO's offsets read them): a row with one needs the other. ``columns={"prompt":
+"question", ...}`` reads a field from another column.
 
 Rendering and tokenization:
 
@@ -54,19 +55,20 @@ is a bad row. ``DataReport.truncated`` counts pairs where anything was cut.
 Bad rows (reason keys of ``DataReport.skipped``): ``invalid_json``, ``not_an_object``,
 ``missing_key``, ``wrong_type``, ``empty_prompt``, ``empty_response``, ``no_shared_prompt``,
 ``identical_responses`` (as given), ``identical_after_truncation`` (no signal left),
-``prompt_too_long``, ``template_mismatch``. ``on_bad_row="error"`` raises :class:`BadRowError` at
-the first one, naming source, row and problem; ``on_bad_row="skip"`` counts them by reason and logs
-one warning.
+``prompt_too_long``, ``template_mismatch``, ``bad_score``. ``on_bad_row="error"`` raises
+:class:`BadRowError` at the first one, naming source, row and problem; ``on_bad_row="skip"`` counts
+them by reason and logs one warning.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ from engine.fileio import atomic_open
 logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
+SCORE_FIELDS = ("score_chosen", "score_rejected")  # optional per-response scores (ODPO)
 ON_BAD_ROW = ("error", "skip")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FILE_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet")
@@ -88,6 +91,8 @@ class TokenizedPair:
     chosen_ids: list[int]  # response tokens only (incl. EOS unless truncated away)
     rejected_ids: list[int]
     where: str  # e.g. "data.jsonl: line 3", for error messages and debugging
+    score_chosen: float | None = None  # the row's score_chosen column, if it has one (ODPO)
+    score_rejected: float | None = None
 
 
 @dataclass
@@ -529,11 +534,14 @@ def load_pairs(
                 max_prompt_length,
                 min_response_tokens,
             )
+            scores = _scores(where, row)
         except BadRowError as exc:
             if on_bad_row == "error":
                 raise
             skipped[exc.reason] += 1
             continue
+        if scores is not None:
+            pair = replace(pair, score_chosen=scores[0], score_rejected=scores[1])
         pairs.append(pair)
         truncated += was_cut
         if limit is not None and len(pairs) >= limit:
@@ -552,6 +560,24 @@ def load_pairs(
         detail = f"; skipped: {dict(skipped)}" if skipped else ""
         raise ValueError(f"{source}: no preference pairs ({rows_read} rows read{detail})")
     return pairs, report
+
+
+def _scores(where: str, row: Mapping) -> tuple[float, float] | None:
+    """The row's ``(score_chosen, score_rejected)``, or None when it has neither column."""
+    present = [key for key in SCORE_FIELDS if row.get(key) is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = next(key for key in SCORE_FIELDS if key not in present)
+        raise BadRowError(where, "bad_score", f"has {present[0]} but no {missing}")
+    values = []
+    for key in SCORE_FIELDS:
+        value = row[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise BadRowError(where, "bad_score", f"{key} must be a finite number, got {value!r}")
+        values.append(float(value))
+    return values[0], values[1]
 
 
 def _truncate(

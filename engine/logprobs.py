@@ -7,6 +7,12 @@ chunks of ``chunk_size`` tokens (:class:`ChunkedTokenLogProbs`): prompt and padd
 reach the head, and no (batch, length, vocab) tensor exists. Each chunk's softmax is kept for the
 backward pass while it fits in ``keep_mb`` (saving a recomputation of the head's matmul), and
 recomputed after that, so memory stays bounded whatever the batch.
+
+Per-response extras, on request (``SequenceLogProbs(weighting=True, tails=True)``): WPO's term,
+each response's mean over its tokens of ``log p(y_t) - log sum_v p(v)^2`` (the sum of squares is
+one more reduction over each chunk's softmax, still no vocabulary-sized tensor kept), and
+LD-DPO's tail, the summed log-probs of each response's tokens beyond the shorter response of its
+pair.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ def _token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -
     # float32 for the log-softmax: bf16 logsumexp over 32k+ logits loses too much precision
     logits = head(hidden).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 of each row of ``logits``: logsumexp(2 log_softmax)."""
+    return torch.logsumexp(2.0 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
 
 
 class ChunkedTokenLogProbs(torch.autograd.Function):
@@ -45,10 +56,14 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_size: int,
         keep_bytes: int,
-    ) -> torch.Tensor:
+        with_sum_sq: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden.shape[0]
         logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         logsumexp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        # WPO's log sum_v p(v)^2 per row (empty unless asked for; never differentiated)
+        sum_sq_rows = rows if with_sum_sq else 0
+        log_sum_sq = torch.empty(sum_sq_rows, dtype=torch.float32, device=hidden.device)
         kept: list[torch.Tensor | None] = []  # per chunk: its softmax, or None (recompute)
         budget = keep_bytes
         for start in range(0, rows, chunk_size):
@@ -60,6 +75,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             total = probs.sum(dim=1, keepdim=True)
             logsumexp[start:end] = (peak + total.log()).squeeze(1)
             logps[start:end] = target - logsumexp[start:end]
+            if with_sum_sq:  # sum p^2 = ||exp(z - peak)||^2 / total^2; the norm is >= 1
+                norm = torch.linalg.vector_norm(probs, dim=1)
+                log_sum_sq[start:end] = 2.0 * (norm.log() - total.squeeze(1).log())
             size = probs.numel() * probs.element_size()
             keep = budget >= size
             budget -= size if keep else 0
@@ -67,11 +85,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.kept = kept
         ctx.chunk_size = chunk_size
-        return logps
+        ctx.mark_non_differentiable(log_sum_sq)
+        return logps, log_sum_sq
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logps: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logps: torch.Tensor, _grad_sum_sq: torch.Tensor):  # type: ignore[override]
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         # kept softmaxes are consumed (turned into gradients in place): a second backward
@@ -103,7 +122,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 grad_bias += grad.sum(dim=0)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def token_logps(
@@ -121,22 +140,73 @@ def token_logps(
     ``nn.Linear``, or whose weight ZeRO-3 partitions (it is gathered only inside the module's own
     forward), goes through the module under activation checkpointing instead.
     """
+    return token_logps_and_sum_sq(hidden, head, targets, chunk_size, keep_mb)[0]
+
+
+def token_logps_and_sum_sq(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    keep_mb: float = 0.0,
+    with_sum_sq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps`, and with ``with_sum_sq`` also each row's ``log sum_v p(v)^2``
+    (detached, (M,) float32; WPO's normaliser), else an empty tensor in its place."""
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
     if isinstance(head, nn.Linear) and getattr(head.weight, "ds_id", None) is None:
         grads = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
         keep_bytes = int(keep_mb * 2**20) if grads else 0
         return ChunkedTokenLogProbs.apply(
-            hidden, head.weight, head.bias, targets, chunk_size, keep_bytes
+            hidden, head.weight, head.bias, targets, chunk_size, keep_bytes, with_sum_sq
         )
-    pieces = []
+    pieces, sums_sq = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_token_logps, h, head, t, use_reentrant=False))
         else:
             pieces.append(_token_logps(h, head, t))
-    return torch.cat(pieces)
+        if with_sum_sq:
+            with torch.no_grad():
+                sums_sq.append(_log_sum_sq_probs(head(h)))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces), torch.cat(sums_sq) if with_sum_sq else empty
+
+
+def tail_logps(
+    logps: torch.Tensor,
+    sequences: torch.Tensor,
+    positions: torch.Tensor,
+    counts: torch.Tensor,
+) -> torch.Tensor:
+    """LD-DPO's tails: per sequence, the sum of the log-probs of its scored tokens past the
+    shorter response of its pair. Sequences ``i`` and ``i + S/2`` are a pair (chosen, rejected).
+
+    Args:
+        logps: (M,) per-token log-probs (differentiable).
+        sequences: (M,) the sequence of each token.
+        positions: (M,) a key that increases along each sequence (flat position in the batch).
+        counts: (S,) scored tokens per sequence.
+
+    Returns:
+        (S,) tail sums (0 for the shorter response of each pair).
+    """
+    num = counts.shape[0]
+    if num % 2:
+        raise ValueError(f"tail_logps needs chosen/rejected pairs of sequences, got {num}")
+    # each token's rank within its sequence: sort by (sequence, position), subtract the start
+    order = torch.argsort(sequences * (positions.max() + 1 if len(positions) else 1) + positions)
+    sorted_sequences = sequences[order]
+    first = torch.searchsorted(sorted_sequences, sorted_sequences)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - first
+    shared = torch.minimum(counts[: num // 2], counts[num // 2 :]).repeat(2)
+    in_tail = rank >= shared[sequences]
+    zeros = torch.zeros(num, dtype=logps.dtype, device=logps.device)
+    return zeros.index_add(0, sequences, torch.where(in_tail, logps, torch.zeros_like(logps)))
 
 
 class SequenceLogProbs(nn.Module):
@@ -150,16 +220,30 @@ class SequenceLogProbs(nn.Module):
         chunked: True: the LM head and log-softmax run only at scored positions, in chunks
             (above). False: the naive path, a full (rows, T, vocab) float32 log-softmax over
             every position; kept to measure what the chunked head saves.
+        weighting: also return each response's WPO term (``"weighting_logps"``, detached).
+        tails: also return LD-DPO's ``"tail_logps"`` (sequences i and i + S/2 are a pair).
+
+    ``forward`` returns ``(logps, counts)``, or ``(logps, counts, extras)`` with a dict of the
+    requested per-sequence extras when ``weighting`` or ``tails`` is set.
     """
 
     def __init__(
-        self, model: nn.Module, chunk_size: int = 1024, keep_mb: float = 0.0, chunked: bool = True
+        self,
+        model: nn.Module,
+        chunk_size: int = 1024,
+        keep_mb: float = 0.0,
+        chunked: bool = True,
+        *,
+        weighting: bool = False,
+        tails: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.keep_mb = keep_mb
         self.chunked = chunked
+        self.weighting = weighting
+        self.tails = tails
 
     def forward(
         self,
@@ -173,7 +257,7 @@ class SequenceLogProbs(nn.Module):
         score_sequences: torch.Tensor | None = None,
         num_sequences: int | None = None,
         attention_blocks: tuple | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         """Sum of log p over response tokens, and their count, for each sequence.
 
         The plain layout passes ``response_mask`` (one sequence per row); other layouts
@@ -194,7 +278,9 @@ class SequenceLogProbs(nn.Module):
 
         Returns:
             ``(logps, counts)``: (S,) float32 summed log-probs and (S,) response token counts,
-            S = N in the plain layout.
+            S = N in the plain layout; and the extras dict when ``weighting`` / ``tails`` is set:
+            ``"weighting_logps"`` (S,) mean over the response of log p - log sum_v p(v)^2,
+            ``"tail_logps"`` (S,) summed log-probs past the pair's shorter response.
         """
         body = self.model.base_model
         # no KV cache: training needs none, and with one transformers ignores packed position ids
@@ -241,14 +327,27 @@ class SequenceLogProbs(nn.Module):
         head = self.model.get_output_embeddings()
         if self.chunked:
             selected = flat.index_select(0, score_positions)  # (M, H), M = scored tokens
-            logps = token_logps(selected, head, score_targets, self.chunk_size, self.keep_mb)
+            logps, log_sum_sq = token_logps_and_sum_sq(
+                selected, head, score_targets, self.chunk_size, self.keep_mb, self.weighting
+            )
         else:  # naive: materializes rows x T x vocab float32 log-probs
             all_logps = F.log_softmax(head(flat).float(), dim=-1)
             logps = all_logps[score_positions, score_targets]
+            if self.weighting:
+                log_sum_sq = torch.logsumexp(2.0 * all_logps[score_positions].detach(), dim=-1)
         sums = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
         sums = sums.index_add(0, score_sequences, logps)
         counts = torch.bincount(score_sequences, minlength=num_sequences)
-        return sums, counts
+        if not (self.weighting or self.tails):
+            return sums, counts
+        extras: dict[str, torch.Tensor] = {}
+        if self.weighting:  # WPO (arXiv 2406.11827, Eq. 2), no gradient
+            aligned = (logps.detach() - log_sum_sq).to(sums.dtype)
+            totals = torch.zeros_like(sums).index_add(0, score_sequences, aligned)
+            extras["weighting_logps"] = totals / counts.clamp(min=1)
+        if self.tails:
+            extras["tail_logps"] = tail_logps(logps, score_sequences, score_positions, counts)
+        return sums, counts, extras
 
 
 def reference_token_logps(

@@ -5,7 +5,10 @@
 ``SPEC.json`` names the trainer (``ours``: ``engine.train.train`` on a composed Hydra config, the
 real loop on DeepSpeed; ``trl``: ``trl.DPOTrainer.train``), the model directory, the train file,
 the steps and the settings. ``RESULT.json`` gets the wall time of every optimizer step, the time
-of the reference log-prob pass (0 when there is none), and the process's peak memory.
+of the reference log-prob pass (0 when there is none), the process's peak memory, and each step's
+loss and mean chosen / rejected rewards (``step_metrics``, what the TRL agreement test compares).
+A spec with ``runs`` (a list of specs of one trainer) runs each in turn in this one process and
+writes the list of their results (the agreement test's many short runs share one start-up).
 
 Step times, both sides alike: from the end of one optimizer step (after its logging) to the end
 of the next, so data collation, forward, backward, optimizer step and per-step bookkeeping all
@@ -97,13 +100,18 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     train_module.score_pairs = timed_score_pairs
     cfg = compose_ours(ours_overrides(spec))
     train_module.train(cfg)
-    rows = read_metrics(Path(spec["run_dir"]) / "metrics.jsonl")
+    rows = [row for row in read_metrics(Path(spec["run_dir"]) / "metrics.jsonl") if "step" in row]
     seconds = [
         spec["micro_batch"] / row["train/pairs_per_second"]
         for row in rows
         if row.get("train/pairs_per_second")
     ]
-    return {"step_seconds": seconds, "reference_seconds": reference_seconds}
+    steps = [
+        {key: row[f"train/{key}"] for key in ("loss", "chosen_reward", "rejected_reward")}
+        for row in rows
+        if "train/loss" in row
+    ]
+    return {"step_seconds": seconds, "reference_seconds": reference_seconds, "step_metrics": steps}
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +133,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             self.marks.append(time.perf_counter())
 
     reference_seconds = 0.0
+    steps: list[dict[str, float]] = []
 
     class TimedDPOTrainer(DPOTrainer):  # measures the reference pass, changes nothing
         def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
@@ -134,6 +143,21 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                 return super()._precompute_ref_logps(*args, **kwargs)
             finally:
                 reference_seconds += time.perf_counter() - start
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # records each training step's loss and mean rewards unrounded (the logged history
+            # rounds the loss to 4 decimals); with grad_accum 1 one call is one step
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.model.training:
+                metrics = self._metrics["train"]
+                steps.append(
+                    {
+                        "loss": float((loss[0] if return_outputs else loss).detach()),
+                        "chosen_reward": metrics["rewards/chosen"][-1],
+                        "rejected_reward": metrics["rewards/rejected"][-1],
+                    }
+                )
+            return loss
 
     rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
     settings = {
@@ -180,6 +204,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "step_seconds": [b - a for a, b in itertools.pairwise(marks)],
         "reference_seconds": reference_seconds,
+        "step_metrics": steps,
         # what TRL actually ran with, for the report
         "trl_state": {
             "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
@@ -202,10 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
-    result = run_ours(spec) if spec["kind"] == "ours" else run_trl(spec)
-    result.update(_peak_memory_mb())
-    result["wall_seconds"] = time.perf_counter() - started
-    Path(result_path).write_text(json.dumps(result))
+
+    def run(one: dict[str, Any]) -> dict[str, Any]:
+        return run_ours(one) if one["kind"] == "ours" else run_trl(one)
+
+    if "runs" in spec:
+        results: Any = [run(one) for one in spec["runs"]]
+    else:
+        results = run(spec)
+        results.update(_peak_memory_mb())
+        results["wall_seconds"] = time.perf_counter() - started
+    Path(result_path).write_text(json.dumps(results))
     return 0
 
 

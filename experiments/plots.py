@@ -24,6 +24,7 @@ __all__ = [
     "mean_curve",
     "plot_accuracy",
     "plot_chosen_below_zero",
+    "plot_gradient_weights",
     "plot_rewards",
     "series",
     "write_plots",
@@ -66,13 +67,19 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def plot_rewards(
-    cells: Cells, rows: Sequence[str], columns: Sequence[str], path: Path, title: str = ""
+    cells: Cells,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    path: Path,
+    title: str = "",
+    keys: tuple[str, str] = ("train/chosen_reward", "train/rejected_reward"),
 ) -> Path:
     """Grid (rows x columns) of chosen and rejected reward vs step: the DCR picture.
 
     Each panel draws every seed as a light line and the mean over seeds as a bold line for
     `train/chosen_reward` (blue) and `train/rejected_reward` (red), with a line at 0: a chosen
     reward below 0 means the chosen response became less likely than under the reference.
+    ``keys``: another (chosen, rejected) pair of metrics drawn the same way.
     """
     fig, axes = plt.subplots(
         len(rows),
@@ -86,10 +93,7 @@ def plot_rewards(
             ax = axes[i][j]
             runs = cells.get((row, col), [])
             drew = False
-            for key, color in (
-                ("train/chosen_reward", CHOSEN_COLOR),
-                ("train/rejected_reward", REJECTED_COLOR),
-            ):
+            for key, color in zip(keys, (CHOSEN_COLOR, REJECTED_COLOR), strict=True):
                 for rows_of_run in runs:
                     x, y = series(rows_of_run, key)
                     if len(x):
@@ -165,6 +169,23 @@ def plot_accuracy(
     return Path(path)
 
 
+def plot_gradient_weights(
+    cells: Cells, rows: Sequence[str], columns: Sequence[str], path: Path
+) -> Path:
+    """Grid of the mean gradient weights on the chosen (blue) and rejected (red) log-ratios vs
+    step (``train/grad_weight_chosen`` = mean dL/dr_w, ``train/grad_weight_rejected`` = mean
+    dL/dr_l; :mod:`losses.diagnostics`): which side each cell's objective pushes, and how hard.
+    Below 0 the chosen likelihood is pushed up; above 0 the rejected one is pushed down."""
+    return plot_rewards(
+        cells,
+        rows,
+        columns,
+        path,
+        title="gradient weight on the chosen (blue) and rejected (red) log-ratio",
+        keys=("train/grad_weight_chosen", "train/grad_weight_rejected"),
+    )
+
+
 def plot_chosen_below_zero(
     cells: Cells,
     rows: Sequence[str],
@@ -222,8 +243,8 @@ class PlotData:
 
 
 def write_plots(data: PlotData, out: Path) -> list[str]:
-    """Write rewards.png, accuracy.png and chosen_below_zero.png (each when its data exists)
-    into `out`. Returns the names of the files written."""
+    """Write rewards.png, accuracy.png, gradient_weights.png and chosen_below_zero.png (each when
+    its data exists) into `out`. Returns the names of the files written."""
     cells, losses, columns = data.cells, data.losses, data.columns
     written = []
     has = {k for runs in cells.values() for rows in runs for row in rows for k in row}
@@ -246,6 +267,9 @@ def write_plots(data: PlotData, out: Path) -> list[str]:
             reference=data.reference,
         )
         written.append("accuracy.png")
+    if losses and "train/grad_weight_chosen" in has:
+        plot_gradient_weights(cells, losses, columns, out / "gradient_weights.png")
+        written.append("gradient_weights.png")
     if "train/chosen_reward_below_zero" in has:
         plot_chosen_below_zero(cells, losses, columns, out / "chosen_below_zero.png")
         written.append("chosen_below_zero.png")

@@ -39,14 +39,20 @@ def main() -> None:
             )
             cells.append(" ".join(f"{v:7.3f}" for v in out.losses.tolist()))
         print(f"{loss:<22}" + "".join(f"{c:>34}" for c in cells))
-    print("\nnamed methods (per-pair loss; chosen NLL = 1.0 where a method needs it):")
-    nll = torch.ones(4)
+    print(
+        "\nnamed methods (per-pair loss; where a method needs them: chosen NLL 1.0, scores 4 and "
+        "1, mismatched-pair log-ratios -1; kto's z0 = 0):"
+    )
+    extras = {
+        "policy_chosen_nll": torch.ones(4),
+        "score_chosen": torch.full((4,), 4.0),
+        "score_rejected": torch.ones(4),
+        "kl_logratios": torch.full((4,), -1.0),
+    }
     for name, method in METHODS.items():
-        out = method(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_chosen_nll=nll
-        )
+        out = method(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **extras)
         values = " ".join(f"{v:8.3f}" for v in out.losses.tolist())
-        print(f"  {name:<11} {values}   {method.paper}")
+        print(f"  {name:<13} {values}   {method.paper}")
 
 
 if __name__ == "__main__":

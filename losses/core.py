@@ -1,30 +1,40 @@
-"""The preference objective: a margin, a loss of the margin, and optional extra terms.
+"""The preference objective: input transforms, a margin and a loss of it (or a per-side
+objective), and optional extra terms. :func:`preference_loss` is the pure function (the signature
+DPO code across the ecosystem uses); :class:`losses.PreferenceLoss` is its ``nn.Module`` form.
 
-:func:`preference_loss` is the pure function (the signature DPO code across the ecosystem uses);
-:class:`PreferenceLoss` is its ``nn.Module`` form, which also tells a trainer what it needs
-(:class:`Requirements`) so that the trainer asks instead of branching on names.
+Per pair, in TRL's order, with s = ``margin_scale`` (default ``beta``)::
 
-Per pair, with log-ratios r = log pi - log pi_ref and s = ``margin_scale`` (default ``beta``)::
-
-    z      = margin(r_w, r_l, s, alpha) - s * dpop_lambda * max(0, -r_w) - gamma
-    pref   = (1 - eps) * f(z) + eps * f(-z)                      # eps = label_smoothing (cDPO)
-    losses = preference_weight * pref
-           + calibration_weight * ((r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2)   # Cal-DPO
-           + nll_weight * chosen_nll                                              # RPO
+    logps  -> logps - (1 - ld_alpha) * tail_logps                  # LD-DPO (ld_alpha set)
+    r      =  logps - ref_logps;  g = f_divergence(r)              # f-DPO (reverse_kl: g = r)
+    z      =  margin(g_w, g_l, s, alpha) - s * dpop_lambda * max(0, -g_w) - gamma - offset
+    pref   =  f(z), or (1 - eps) f(z) + eps f(-z) when f takes no label_smoothing (cDPO);
+              a per-side objective instead reads g_w, g_l (and the log-probs) directly
+    losses =  weight * (preference_weight * pref
+                        + calibration_weight * ((g_w - 1/(2 beta))^2 + (g_l + 1/(2 beta))^2)
+                        + nll_weight * chosen_nll)
+    weight =  exp(a_w + a_l) with use_weighting (WPO), else 1;  offset = ODPO's alpha log(s_w - s_l)
 
 With every extra at its default this is exactly ``f(margin(r_w, r_l, beta, alpha))``.
+Precision: float64 inputs are computed and returned in float64; float32, bfloat16 and float16 in
+float32 (bf16's 8-bit mantissa is too coarse for differences of large log-probs).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 
-from losses.functions import LOSSES
+from losses.functions import LOSSES, apply_loss
 from losses.margins import MARGINS
+from losses.pairwise import PAIR_LOSSES, PairTerms, apply_pair_loss, sppo_hard
+from losses.registry import UnknownNameError, keyword_options, pick_options
+from losses.transforms import F_DIVERGENCES, length_desensitized, odpo_offsets, wpo_weights
+
+#: options that act on the margin z, so a per-side objective cannot take them (value: neutral)
+MARGIN_OPTIONS = {"gamma": 0.0, "dpop_lambda": 0.0, "margin_scale": None, "odpo_alpha": 0.0}
 
 
 @dataclass(frozen=True)
@@ -32,10 +42,12 @@ class PreferenceLossOutput:
     """What :func:`preference_loss` returns. All tensors have the batch shape (B,).
 
     Attributes:
-        losses: per-example loss (float32, differentiable); reduce it yourself (e.g. ``.mean()``).
+        losses: per-example loss (float32, or float64 for float64 inputs; differentiable);
+            reduce it yourself (e.g. ``.mean()``).
         chosen_rewards: beta * r_w, detached (the implicit reward of the chosen response).
         rejected_rewards: beta * r_l, detached.
-        margins: the margin z fed to the loss, detached.
+        margins: the margin z fed to the loss, detached; for a per-side objective, which has
+            none, ``beta * (g_w - g_l)``.
     """
 
     losses: torch.Tensor
@@ -44,19 +56,22 @@ class PreferenceLossOutput:
     margins: torch.Tensor
 
 
-@dataclass(frozen=True)
-class Requirements:
-    """What an objective needs from the trainer that calls it.
+def crosses_margin(loss: str) -> bool:
+    """True for a loss of one margin z (``LOSSES``), which crosses with every margin; False for a
+    per-side objective (``PAIR_LOSSES``). Unknown names raise, listing both registries."""
+    if loss in LOSSES:
+        return True
+    if loss in PAIR_LOSSES:
+        return False
+    raise UnknownNameError(
+        f"unknown loss {loss!r}; registered losses of the margin: {', '.join(sorted(LOSSES))}; "
+        f"per-side objectives (margin=difference only): {', '.join(sorted(PAIR_LOSSES))}"
+    )
 
-    Attributes:
-        needs_reference: the loss uses reference log-probs (False: reference-free, e.g. SimPO).
-        length_normalized: pass log-probs averaged over response tokens instead of summed.
-        needs_chosen_nll: pass ``policy_chosen_nll``, the chosen response's mean token NLL.
-    """
 
-    needs_reference: bool = True
-    length_normalized: bool = False
-    needs_chosen_nll: bool = False
+def needs_mismatched_pairs(loss: str) -> bool:
+    """True for an objective that reads ``kl_logratios`` (marked ``reads_mismatched_pairs``)."""
+    return not crosses_margin(loss) and getattr(PAIR_LOSSES[loss], "reads_mismatched_pairs", False)
 
 
 def _check_tensor(name: str, tensor: object, shape: torch.Size | None) -> torch.Tensor:
@@ -74,26 +89,54 @@ def _check_tensor(name: str, tensor: object, shape: torch.Size | None) -> torch.
     return tensor
 
 
-def _check_options(
-    beta: float,
-    alpha: float,
-    label_smoothing: float,
-    margin_scale: float | None,
-    weights: dict[str, float],
-) -> None:
+def _check_options(options: dict[str, Any]) -> None:
+    beta, alpha = options["beta"], options["alpha"]
     if isinstance(beta, bool) or not (
         isinstance(beta, int | float) and math.isfinite(beta) and beta > 0
     ):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and 0 < alpha <= 1):
         raise ValueError(f"alpha (the gap adaptor) must be in (0, 1], got {alpha!r}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if margin_scale is not None and not (math.isfinite(margin_scale) and margin_scale > 0):
-        raise ValueError(f"margin_scale must be None or a finite number > 0, got {margin_scale!r}")
-    for key, value in weights.items():
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    smoothing = options["label_smoothing"]
+    if smoothing is not None and not 0 <= smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {smoothing!r}")
+    scale = options["margin_scale"]
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"margin_scale must be None or a finite number > 0, got {scale!r}")
+    if not math.isfinite(options["gamma"]):
+        raise ValueError(f"gamma must be finite, got {options['gamma']!r}")
+    for key in ("dpop_lambda", "calibration_weight", "nll_weight", "preference_weight"):
+        if not (math.isfinite(options[key]) and options[key] >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {options[key]!r}")
+    if not (math.isfinite(options["odpo_alpha"]) and options["odpo_alpha"] >= 0):
+        raise ValueError(f"odpo_alpha must be a finite number >= 0, got {options['odpo_alpha']!r}")
+    if options["ld_alpha"] is not None and not 0 <= options["ld_alpha"] <= 1:
+        raise ValueError(f"ld_alpha must be None or in [0, 1], got {options['ld_alpha']!r}")
+    F_DIVERGENCES[options["f_divergence_type"]]  # unknown names list the registered ones
+    if crosses_margin(options["loss"]):
+        MARGINS[options["margin"]]
+        return
+    # a per-side objective: nothing may act on a margin it does not have
+    if options["margin"] != "difference":
+        raise ValueError(
+            f"loss {options['loss']!r} is defined per side, not through one margin z, so it does "
+            f"not cross with margin={options['margin']!r}; use margin=difference (the default). "
+            f"Losses that cross: {', '.join(sorted(LOSSES))}"
+        )
+    for key, neutral in MARGIN_OPTIONS.items():
+        if options[key] != neutral:
+            raise ValueError(
+                f"{key}={options[key]!r} acts on the margin z, which per-side loss "
+                f"{options['loss']!r} does not have; leave it at {neutral!r}"
+            )
+    if smoothing and "label_smoothing" not in keyword_options(PAIR_LOSSES[options["loss"]]):
+        raise ValueError(f"per-side loss {options['loss']!r} takes no label_smoothing")
+
+
+def _needed(name: str, tensor: torch.Tensor | None, why: str, shape: torch.Size) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError(f"{why} needs {name}")
+    return _check_tensor(name, tensor, shape)
 
 
 def preference_loss(
@@ -106,7 +149,13 @@ def preference_loss(
     margin: str = "difference",
     beta: float = 0.1,
     alpha: float = 1.0,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
+    discopop_tau: float | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    odpo_alpha: float = 0.0,
     gamma: float = 0.0,
     dpop_lambda: float = 0.0,
     margin_scale: float | None = None,
@@ -115,32 +164,55 @@ def preference_loss(
     preference_weight: float = 1.0,
     reference_free: bool = False,
     policy_chosen_nll: torch.Tensor | None = None,
+    policy_chosen_tail_logps: torch.Tensor | None = None,
+    policy_rejected_tail_logps: torch.Tensor | None = None,
+    ref_chosen_tail_logps: torch.Tensor | None = None,
+    ref_rejected_tail_logps: torch.Tensor | None = None,
+    chosen_weighting_logps: torch.Tensor | None = None,
+    rejected_weighting_logps: torch.Tensor | None = None,
+    score_chosen: torch.Tensor | None = None,
+    score_rejected: torch.Tensor | None = None,
+    kl_logratios: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
-    """Per-example preference loss for any loss x margin cell, plus optional extra terms.
-
-    Computation is in float32 whatever the input dtype (bfloat16 inputs are upcast, and their
-    gradients flow back in bfloat16), so the result is finite for log-ratios of size 1e5.
+    """Per-example preference loss of any objective, with the input transforms and extra terms.
 
     Args:
         policy_chosen_logps: (B,) log pi(y_w|x), summed (or averaged) over response tokens.
         policy_rejected_logps: (B,) log pi(y_l|x).
         ref_chosen_logps: (B,) log pi_ref(y_w|x); None only for a reference-free objective.
         ref_rejected_logps: (B,) log pi_ref(y_l|x); None together with ``ref_chosen_logps``.
-        loss: a name in ``LOSSES`` (logistic, hinge, squared, exponential, truncated_quadratic,
-            savage).
+        loss: a loss of the margin (``LOSSES``: the six GPO losses, ipo, robust, exo_pair,
+            discopop) or a per-side objective (``PAIR_LOSSES``: nca_pair, bco_pair, sppo_hard,
+            apo_zero, apo_down, aot, aot_unpaired, kto, orpo; margin=difference only).
         margin: a name in ``MARGINS`` (difference, balanced).
         beta: KL strength, > 0 (typical 0.01-0.5; SimPO uses ~2).
         alpha: gap adaptor of the balanced margin, in (0, 1] (BPO's ablation: 0.3).
-        label_smoothing: cDPO's eps in [0, 0.5): the probability that a label is flipped.
+        label_smoothing: eps in [0, 0.5). Losses that define it (robust, exo_pair, aot,
+            aot_unpaired) use it their way; for the others it is cDPO's flip probability.
+            None: the loss's own default (TRL's).
+        discopop_tau: DiscoPOP's temperature (None: 0.05).
+        f_divergence_type: the reward transform (``F_DIVERGENCES``): reverse_kl (none),
+            forward_kl, js_divergence, alpha_divergence.
+        f_alpha_divergence_coef: alpha of alpha_divergence (None: 0.5).
+        ld_alpha: LD-DPO's weight in [0, 1] of the tokens past the shorter response; needs the
+            four ``*_tail_logps``. None: off.
+        use_weighting: WPO's weights; needs ``chosen_weighting_logps`` and
+            ``rejected_weighting_logps``.
+        odpo_alpha: ODPO's offset scale > 0 (0: off); needs ``score_chosen`` / ``score_rejected``.
         gamma: a target margin subtracted from z (SimPO's gamma, in units of z).
         dpop_lambda: DPOP's lambda >= 0 (arXiv 2402.13228): penalises r_w < 0 inside the margin.
         margin_scale: the scale used inside the margin instead of beta (Cal-DPO uses 1).
         calibration_weight: weight of Cal-DPO's calibration term (arXiv 2412.14516).
-        nll_weight: weight of the chosen response's NLL (RPO, arXiv 2404.19733).
-        preference_weight: weight of the margin loss; 0 leaves only the extra terms (the
-            chosen-NLL control).
-        reference_free: ignore the reference: r = policy log-probs (SimPO).
+        nll_weight: weight of the chosen response's NLL (RPO, arXiv 2404.19733; ORPO).
+        preference_weight: weight of the objective; 0 leaves only the extra terms.
+        reference_free: ignore the reference: r = policy log-probs (SimPO, ORPO).
         policy_chosen_nll: (B,) mean token NLL of the chosen response; needed iff nll_weight > 0.
+        policy_chosen_tail_logps, policy_rejected_tail_logps, ref_chosen_tail_logps,
+            ref_rejected_tail_logps: (B,) sums of the log-probs past the pair's shorter response.
+        chosen_weighting_logps, rejected_weighting_logps: (B,) each response's mean over its
+            tokens of log p(y_t) - log sum_v p(v)^2 under the policy (WPO).
+        score_chosen, score_rejected: (B,) the responses' scores (ODPO).
+        kl_logratios: (B,) log-ratios of mismatched (prompt, response) pairs (KTO).
 
     Returns:
         :class:`PreferenceLossOutput` with ``losses`` (B,), ``chosen_rewards``,
@@ -149,22 +221,25 @@ def preference_loss(
     Example (hand-worked): policy logps (-1, -3), reference logps (-2, -2), beta 1, logistic and
     difference: r_w = 1, r_l = -1, z = 2, loss = log(1 + e^-2) ~ 0.1269.
     """
-    loss_fn = LOSSES[loss]
-    margin_fn = MARGINS[margin]
-    _check_options(
-        beta,
-        alpha,
-        label_smoothing,
-        margin_scale,
-        {
-            "dpop_lambda": dpop_lambda,
-            "calibration_weight": calibration_weight,
-            "nll_weight": nll_weight,
-            "preference_weight": preference_weight,
-        },
-    )
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    options: dict[str, Any] = {
+        "loss": loss,
+        "margin": margin,
+        "beta": beta,
+        "alpha": alpha,
+        "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
+        "f_divergence_type": f_divergence_type,
+        "f_alpha_divergence_coef": f_alpha_divergence_coef,
+        "ld_alpha": ld_alpha,
+        "odpo_alpha": odpo_alpha,
+        "gamma": gamma,
+        "dpop_lambda": dpop_lambda,
+        "margin_scale": margin_scale,
+        "calibration_weight": calibration_weight,
+        "nll_weight": nll_weight,
+        "preference_weight": preference_weight,
+    }
+    _check_options(options)
     shape = _check_tensor("policy_chosen_logps", policy_chosen_logps, None).shape
     _check_tensor("policy_rejected_logps", policy_rejected_logps, shape)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -174,45 +249,96 @@ def preference_loss(
             "reference log-probs are missing: pass ref_chosen_logps and ref_rejected_logps, or "
             "reference_free=True for a reference-free objective such as SimPO"
         )
+    # float64 stays float64; everything narrower is computed in float32
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
 
-    # float32 throughout: bf16 has 8 bits of mantissa, too few for differences of large log-probs
-    policy_chosen = policy_chosen_logps.float()
-    policy_rejected = policy_rejected_logps.float()
-    if reference_free or ref_chosen_logps is None:
-        chosen_logratios, rejected_logratios = policy_chosen, policy_rejected
-    else:
+    def wide(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype)
+
+    policy_chosen, policy_rejected = wide(policy_chosen_logps), wide(policy_rejected_logps)
+    refs = None
+    if not reference_free and ref_chosen_logps is not None and ref_rejected_logps is not None:
         _check_tensor("ref_chosen_logps", ref_chosen_logps, shape)
         _check_tensor("ref_rejected_logps", ref_rejected_logps, shape)
-        chosen_logratios = policy_chosen - ref_chosen_logps.float()
-        rejected_logratios = policy_rejected - ref_rejected_logps.float()
+        refs = [wide(ref_chosen_logps), wide(ref_rejected_logps)]
+    if ld_alpha is not None:
+        why = "ld_alpha (LD-DPO)"
+        policy_chosen = length_desensitized(
+            policy_chosen,
+            wide(_needed("policy_chosen_tail_logps", policy_chosen_tail_logps, why, shape)),
+            ld_alpha,
+        )
+        policy_rejected = length_desensitized(
+            policy_rejected,
+            wide(_needed("policy_rejected_tail_logps", policy_rejected_tail_logps, why, shape)),
+            ld_alpha,
+        )
+        if refs is not None:
+            tails = [("ref_chosen_tail_logps", ref_chosen_tail_logps)]
+            tails.append(("ref_rejected_tail_logps", ref_rejected_tail_logps))
+            refs = [
+                length_desensitized(ref, wide(_needed(name, tail, why, shape)), ld_alpha)
+                for ref, (name, tail) in zip(refs, tails, strict=True)
+            ]
+    if refs is None:
+        chosen_logratios, rejected_logratios = policy_chosen, policy_rejected
+    else:
+        chosen_logratios, rejected_logratios = policy_chosen - refs[0], policy_rejected - refs[1]
+
+    transform = F_DIVERGENCES[f_divergence_type]
+    part_options = {k: v for k, v in options.items() if v is not None}
+    chosen_scores = transform(chosen_logratios, **pick_options(transform, part_options))
+    rejected_scores = transform(rejected_logratios, **pick_options(transform, part_options))
+    terms = PairTerms(
+        chosen_scores,
+        rejected_scores,
+        policy_chosen,
+        policy_rejected,
+        *(refs or (None, None)),
+        kl_logratios=None if kl_logratios is None else wide(kl_logratios),
+    )
 
     scale = beta if margin_scale is None else margin_scale
-    z = margin_fn(chosen_logratios, rejected_logratios, scale, alpha)
-    if dpop_lambda > 0:
-        # DPOP (arXiv 2402.13228, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w))
-        z = z - scale * dpop_lambda * torch.relu(-chosen_logratios)
-    if gamma != 0:
-        z = z - gamma
+    if crosses_margin(loss):
+        z = MARGINS[margin](chosen_scores, rejected_scores, scale, alpha)
+        if dpop_lambda > 0:
+            # DPOP (arXiv 2402.13228, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w))
+            z = z - scale * dpop_lambda * torch.relu(-chosen_scores)
+        if gamma != 0:
+            z = z - gamma
+        if odpo_alpha > 0:
+            why = "odpo_alpha (ODPO: data rows need score_chosen and score_rejected columns)"
+            z = z - odpo_offsets(
+                wide(_needed("score_chosen", score_chosen, why, shape)),
+                wide(_needed("score_rejected", score_rejected, why, shape)),
+                odpo_alpha,
+            )
+    else:
+        z = beta * (chosen_scores - rejected_scores)
 
     losses = torch.zeros_like(z)
     if preference_weight > 0:
-        pref = loss_fn(z)
-        if label_smoothing > 0:
+        if not crosses_margin(loss):
+            pref = apply_pair_loss(loss, terms, **part_options)
+        elif label_smoothing and "label_smoothing" not in keyword_options(LOSSES[loss]):
             # cDPO (Mitchell 2023): the expected loss when a label is flipped with probability eps
-            pref = (1.0 - label_smoothing) * pref + label_smoothing * loss_fn(-z)
+            pref = (1.0 - label_smoothing) * apply_loss(loss, z, **part_options)
+            pref = pref + label_smoothing * apply_loss(loss, -z, **part_options)
+        else:
+            pref = apply_loss(loss, z, **part_options)
         losses = losses + preference_weight * pref
     if calibration_weight > 0:
-        # Cal-DPO (arXiv 2412.14516, Eq. 10): pull log-ratios towards +-1/(2 beta)
-        target = 1.0 / (2.0 * beta)
-        calibration = (chosen_logratios - target) ** 2 + (rejected_logratios + target) ** 2
-        losses = losses + calibration_weight * calibration
+        # Cal-DPO (arXiv 2412.14516, Eq. 10): pull log-ratios towards +-1/(2 beta), SPPO's term
+        losses = losses + calibration_weight * sppo_hard(terms, beta)
     if nll_weight > 0:
-        if policy_chosen_nll is None:
-            raise ValueError(
-                "nll_weight > 0 needs policy_chosen_nll (the chosen response's mean token NLL)"
-            )
-        _check_tensor("policy_chosen_nll", policy_chosen_nll, shape)
-        losses = losses + nll_weight * policy_chosen_nll.float()
+        nll = _needed("policy_chosen_nll", policy_chosen_nll, "nll_weight > 0", shape)
+        losses = losses + nll_weight * wide(nll)
+    if use_weighting:
+        why = "use_weighting (WPO)"
+        losses = losses * wpo_weights(
+            wide(_needed("chosen_weighting_logps", chosen_weighting_logps, why, shape)),
+            wide(_needed("rejected_weighting_logps", rejected_weighting_logps, why, shape)),
+        )
 
     return PreferenceLossOutput(
         losses=losses,
@@ -220,101 +346,3 @@ def preference_loss(
         rejected_rewards=(beta * rejected_logratios).detach(),
         margins=z.detach(),
     )
-
-
-class PreferenceLoss(nn.Module):
-    """``nn.Module`` form of :func:`preference_loss`, configured once, called per batch.
-
-    Args:
-        loss: loss name (see ``losses.LOSSES``).
-        margin: margin name (see ``losses.MARGINS``).
-        beta: KL strength, > 0.
-        alpha: gap adaptor in (0, 1].
-        length_normalized: the objective wants log-probs averaged over response tokens.
-        **extras: the extra keyword options of :func:`preference_loss` (label_smoothing, gamma,
-            dpop_lambda, margin_scale, calibration_weight, nll_weight, preference_weight,
-            reference_free).
-
-    The configuration is validated here, at construction, so a bad name or value fails before a
-    model is loaded. ``requirements`` tells a trainer what to feed ``forward``.
-    """
-
-    #: the extra options a PreferenceLoss accepts (trainers read method configs with this)
-    EXTRAS = (
-        "label_smoothing",
-        "gamma",
-        "dpop_lambda",
-        "margin_scale",
-        "calibration_weight",
-        "nll_weight",
-        "preference_weight",
-        "reference_free",
-    )
-
-    def __init__(
-        self,
-        loss: str = "logistic",
-        margin: str = "difference",
-        beta: float = 0.1,
-        alpha: float = 1.0,
-        *,
-        length_normalized: bool = False,
-        **extras: float | bool | None,
-    ) -> None:
-        super().__init__()
-        unknown = sorted(set(extras) - set(self.EXTRAS))
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(self.EXTRAS)}"
-            )
-        self.options: dict[str, object] = {"loss": loss, "margin": margin, "beta": beta}
-        self.options["alpha"] = alpha
-        self.options.update(extras)
-        self.length_normalized = length_normalized
-        # fail now, not at the first batch: run the objective once on a dummy pair
-        dummy = torch.zeros(1)
-        preference_loss(dummy, dummy, dummy, dummy, policy_chosen_nll=dummy, **self.options)
-
-    @property
-    def requirements(self) -> Requirements:
-        """What the trainer must provide (reference log-probs, averaging, chosen NLL)."""
-        return Requirements(
-            needs_reference=not bool(self.options.get("reference_free", False)),
-            length_normalized=self.length_normalized,
-            needs_chosen_nll=float(self.options.get("nll_weight") or 0.0) > 0,
-        )
-
-    @property
-    def beta(self) -> float:
-        """The KL strength beta (rewards are beta * log-ratio)."""
-        return float(self.options["beta"])  # type: ignore[arg-type]
-
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-        *,
-        policy_chosen_nll: torch.Tensor | None = None,
-    ) -> PreferenceLossOutput:
-        """Per-example losses and rewards; see :func:`preference_loss` for shapes."""
-        return preference_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            policy_chosen_nll=policy_chosen_nll,
-            **self.options,  # type: ignore[arg-type]
-        )
-
-    @classmethod
-    def from_method(cls, name: str, **overrides: float | bool | None) -> PreferenceLoss:
-        """Build the objective of a named method (``losses.METHODS``), with overrides."""
-        from losses.methods import METHODS
-
-        return METHODS[name].build(**overrides)
-
-    def extra_repr(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"{options}, length_normalized={self.length_normalized}"

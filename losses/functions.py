@@ -1,9 +1,15 @@
-"""The convex losses f(z) of the margin z: the GPO family (arXiv 2402.05749).
+"""The losses f(z) of the margin z: the GPO family (arXiv 2402.05749) and TRL's objectives of one
+margin (ipo, robust, exo_pair, discopop).
 
 Each is a pure, elementwise function of a tensor ``z`` (the margin, see :mod:`losses.margins`) and
 is registered in :data:`LOSSES` under its name. Preference learning minimises ``f(z)``: every f here
-is decreasing around z = 0, so a larger margin means a smaller loss; all are convex except savage,
-which is bounded (and so concave for z < -ln 2).
+is decreasing around z = 0, so a larger margin means a smaller loss; the six GPO losses are convex
+except savage, which is bounded (and so concave for z < -ln 2).
+
+Some losses have options (``beta``, ``label_smoothing``, ``discopop_tau``): keyword-only
+parameters with TRL's defaults, so ``f(z)`` always works. :func:`apply_loss` passes a loss
+exactly the options its signature names (:func:`losses.registry.keyword_options`); nothing else
+needs to know which loss takes which option.
 
 Numerics: every function is finite, with a finite gradient that is not silently zero, for any
 finite z in float32 and bfloat16 (the margin of log-ratios of size 1e5 is about 1e4 to 1e5). The
@@ -13,14 +19,16 @@ past ``EXP_CAP`` (see :func:`exponential`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from losses.registry import Registry
+from losses.registry import Registry, pick_options
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
 
 #: loss name -> f(z). Holds the six GPO losses; add one with ``@LOSSES.register()``.
 LOSSES: Registry[LossFn] = Registry("loss")
@@ -113,3 +121,81 @@ def savage(z: torch.Tensor) -> torch.Tensor:
     # Computed in float32: in bfloat16 the exp would amplify softplus's rounding to a few percent.
     wide = z.to(torch.promote_types(z.dtype, torch.float32))
     return torch.exp(-2.0 * F.softplus(wide)).to(z.dtype)
+
+
+@LOSSES.register()
+def ipo(z: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """IPO as TRL and the IPO authors use it (arXiv 2310.12036, Eq. 17): ``(h - 1/(2 beta))^2``.
+
+    With the difference margin on length-averaged log-ratios (method ``ipo``), ``z = beta h`` and
+    ``h = r_w/|y_w| - r_l/|y_l|``, so ``f(z) = (z/beta - 1/(2 beta))^2``: tau = beta, target
+    margin 1/(2 beta), optimum at ``h = 5`` for beta 0.1. Not monotone (it also pulls margins above
+    the target back). With ``margin=balanced``, h is ``min(r_w, -alpha r_l)``. The GPO ablation's
+    ``squared`` is the (z - 1)^2 form.
+
+    Example: beta 0.1, z = 0.3 (h = 3): ``(3 - 5)^2 = 4``.
+    """
+    return ((z - 0.5) / beta) ** 2  # z - 0.5 first: exact near the optimum (no cancellation)
+
+
+@LOSSES.register()
+def robust(z: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Robust DPO (rDPO, arXiv 2403.00409, Eq. 10): an unbiased loss under label noise eps.
+
+    ``f(z) = ((1 - eps) softplus(-z) - eps softplus(z)) / (1 - 2 eps)``, eps = ``label_smoothing``
+    in [0, 0.5); eps = 0 is DPO's logistic loss. Decreasing for every eps; linear (unbounded
+    below) for large z when eps > 0.
+
+    Example: eps 0.1, z = 0: ``(0.9 - 0.1) log 2 / 0.8 = log 2 ~ 0.6931``.
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs label_smoothing in [0, 0.5), got {label_smoothing!r}")
+    clean = (1.0 - label_smoothing) * F.softplus(-z)
+    return (clean - label_smoothing * F.softplus(z)) / (1.0 - 2.0 * label_smoothing)
+
+
+@LOSSES.register()
+def exo_pair(z: torch.Tensor, *, label_smoothing: float = 1e-3) -> torch.Tensor:
+    """EXO on pairs (arXiv 2402.00856, Eq. 16): ``KL(q || p)`` with ``q = (sigmoid(z),
+    sigmoid(-z))`` and the target ``p = (1 - eps, eps)``, eps = ``label_smoothing`` in (0, 0.5).
+
+    ``f(z) = s(z) (log s(z) - log(1 - eps)) + s(-z) (log s(-z) - log eps)``, s = sigmoid. Its
+    minimum (0) is at ``z = log((1 - eps) / eps)``. TRL's default eps 0 is an error there (log 0);
+    the EXO paper's 1e-3 is the default here.
+
+    Example: eps 1e-3, z = 0: ``0.5 (log 0.5 - log 0.999) + 0.5 (log 0.5 - log 0.001) ~ 2.4537``.
+    """
+    if not 0 < label_smoothing < 0.5:
+        raise ValueError(
+            f"exo_pair needs label_smoothing in (0, 0.5) (EXO recommends 1e-3), "
+            f"got {label_smoothing!r}"
+        )
+    wide = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 would round log-terms
+    log_qw, log_ql = F.logsigmoid(wide), F.logsigmoid(-wide)
+    chosen = torch.exp(log_qw) * (log_qw - math.log1p(-label_smoothing))
+    return (chosen + torch.exp(log_ql) * (log_ql - math.log(label_smoothing))).to(z.dtype)
+
+
+@LOSSES.register()
+def discopop(z: torch.Tensor, *, discopop_tau: float = 0.05) -> torch.Tensor:
+    """DiscoPOP's log-ratio modulated loss (arXiv 2406.08414, Eq. 5).
+
+    ``f(z) = (1 - m) softplus(-z) + m exp(-z)`` with ``m = sigmoid(z / tau)``, tau =
+    ``discopop_tau`` > 0: logistic for negative margins, exponential for positive ones. The
+    exponential part continues linearly below ``-EXP_CAP`` like :func:`exponential` (there m is
+    below 1e-260, so the value is the logistic one).
+
+    Example: z = 0: ``0.5 log 2 + 0.5 = 0.8466``.
+    """
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop needs discopop_tau > 0, got {discopop_tau!r}")
+    # float32 inside: in bfloat16 the blend of two terms loses the gradient's sign near z = 0
+    wide = z.to(torch.promote_types(z.dtype, torch.float32))
+    modulation = torch.sigmoid(wide / discopop_tau)
+    return ((1.0 - modulation) * F.softplus(-wide) + modulation * exponential(wide)).to(z.dtype)
+
+
+def apply_loss(name: str, z: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``LOSSES[name](z, ...)`` with the options from ``options`` that this loss takes."""
+    loss = LOSSES[name]
+    return loss(z, **pick_options(loss, options))

@@ -7,8 +7,10 @@ the sweeps, the tests) finds parts by iterating the registry instead of repeatin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from functools import cache
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -81,3 +83,19 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self._items)})"
+
+
+@cache
+def keyword_options(part: Callable[..., Any]) -> frozenset[str]:
+    """The option names a registered function takes: its keyword-only parameters (with defaults).
+
+    Parts declare their own options this way (``def robust(z, *, label_smoothing=0.0)``), so a
+    caller holding every option passes each part exactly those it names (:func:`pick_options`).
+    """
+    parameters = inspect.signature(part).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def pick_options(part: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``part`` takes (see :func:`keyword_options`)."""
+    return {key: options[key] for key in keyword_options(part) if key in options}

@@ -23,7 +23,7 @@ from engine.config import (
     validate_config,
 )
 from engine.modeling import resolve_dtype
-from losses import LOSSES, MARGINS, PreferenceLoss
+from losses import LOSSES, MARGINS, PAIR_LOSSES, PreferenceLoss
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PLACEHOLDER = "/nonexistent/placeholder"
@@ -74,7 +74,8 @@ def compose_option(compose_config, group: str, option: str):
 def test_conf_has_the_design_groups():
     groups = {group for group, _ in OPTIONS}
     assert {"loss", "margin", "method", "model", "data", "deepspeed", "trainer"} <= groups
-    assert {o for g, o in OPTIONS if g == "loss"} == set(LOSSES)
+    # loss=<name> selects a loss of the margin or a per-side objective
+    assert {o for g, o in OPTIONS if g == "loss"} == set(LOSSES) | set(PAIR_LOSSES)
     assert {o for g, o in OPTIONS if g == "margin"} == set(MARGINS)
 
 
@@ -107,12 +108,16 @@ def test_every_option_composes_and_builds(compose_config, group, option):
     validate_config(cfg)
     objective = build_objective(cfg)
     assert isinstance(objective, PreferenceLoss)
+    # every per-batch input an objective may ask for (KTO's mismatched log-ratios, ODPO's
+    # scores with chosen > rejected, ...), so each option's objective runs
+    inputs = {name: torch.tensor([-0.5]) for name in PreferenceLoss.INPUTS}
+    inputs.update(score_chosen=torch.tensor([2.0]), score_rejected=torch.tensor([1.0]))
     out = objective(
         torch.tensor([-1.0]),
         torch.tensor([-2.0]),
         torch.tensor([-1.5]),
         torch.tensor([-1.5]),
-        policy_chosen_nll=torch.tensor([0.5]),
+        **inputs,
     )
     assert torch.isfinite(out.losses).all()
 

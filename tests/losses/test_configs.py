@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from losses import LOSSES, MARGINS, METHODS
+from losses import LOSSES, MARGINS, METHODS, PAIR_LOSSES, PreferenceLoss
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # cfg.method.<key> -> the preference_loss option of the same name
-EXTRA_KEYS = [
-    "label_smoothing",
-    "gamma",
-    "dpop_lambda",
-    "margin_scale",
-    "calibration_weight",
-    "nll_weight",
-    "preference_weight",
-    "reference_free",
-]
+EXTRA_KEYS = list(PreferenceLoss.EXTRAS)
 
 
 def stems(group: str) -> set[str]:
@@ -34,7 +25,9 @@ def stems(group: str) -> set[str]:
 
 
 def test_loss_yamls_match_registry():
-    assert stems("loss") == set(LOSSES)
+    # losses of the margin and per-side objectives are both selected with loss=<name>
+    assert not set(LOSSES) & set(PAIR_LOSSES)
+    assert stems("loss") == set(LOSSES) | set(PAIR_LOSSES)
 
 
 def test_margin_yamls_match_registry():
@@ -79,6 +72,8 @@ def test_neutral_extras_are_preference_loss_defaults():
 
 
 def values_equal(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
         return a is b or (a == b and type(a) is type(b))
     return math.isclose(float(a), float(b), rel_tol=1e-12)
@@ -125,3 +120,11 @@ def test_loss_and_margin_overrides_compose(compose_config, loss, margin):
     assert cfg.margin.name == margin
     assert cfg.margin.alpha == 0.3
     assert cfg.beta == 0.05
+
+
+@pytest.mark.parametrize("loss", sorted(PAIR_LOSSES))
+def test_per_side_loss_with_balanced_margin_is_a_clear_error(loss):
+    """``loss=<per-side> margin=balanced`` composes, and building its objective says why not."""
+    cfg = compose([f"loss={loss}", "margin=balanced"])
+    with pytest.raises(ValueError, match="does not cross with margin='balanced'"):
+        PreferenceLoss(loss=cfg.loss.name, margin=cfg.margin.name, alpha=cfg.margin.alpha)

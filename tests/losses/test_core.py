@@ -16,21 +16,13 @@ import pytest
 import torch
 
 from losses import LOSSES, MARGINS, PreferenceLoss, Requirements, UnknownNameError, preference_loss
+from losses.functions import apply_loss
 from losses.methods import METHODS
 
 CELLS = list(itertools.product(sorted(LOSSES), sorted(MARGINS), [0.3, 1.0]))
 CELL_IDS = [f"{loss}-{margin}-a{alpha}" for loss, margin, alpha in CELLS]
 
-EXTRA_OPTIONS = [
-    "label_smoothing",
-    "gamma",
-    "dpop_lambda",
-    "margin_scale",
-    "calibration_weight",
-    "nll_weight",
-    "preference_weight",
-    "reference_free",
-]
+EXTRA_OPTIONS = list(PreferenceLoss.EXTRAS)
 
 
 def batch(seed: int = 0, size: int = 6, dtype: torch.dtype = torch.float32):
@@ -104,7 +96,7 @@ def test_cell_shapes_rewards_and_composition(loss, margin, alpha):
     # with every extra at its default the loss is exactly f(margin(r_w, r_l, beta, alpha))
     z = MARGINS[margin](r_w, r_l, beta, alpha)
     assert torch.equal(out.margins, z)
-    assert torch.equal(out.losses.detach(), LOSSES[loss](z))
+    assert torch.equal(out.losses.detach(), apply_loss(loss, z, beta=beta))
 
     out.losses.sum().backward()
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
@@ -120,6 +112,16 @@ def test_cell_value_against_independent_formula(loss, margin, alpha, loss_deriva
         "exponential": lambda z: math.exp(-z),
         "truncated_quadratic": lambda z: max(0.0, 1.0 - z) ** 2,
         "savage": lambda z: (1.0 / (1.0 + math.exp(z))) ** 2,
+        # TRL's defaults: beta (0.3 here), label_smoothing 0 (robust) / 1e-3 (exo_pair), tau 0.05
+        "ipo": lambda z: (z / 0.3 - 1 / (2 * 0.3)) ** 2,
+        "robust": lambda z: math.log1p(math.exp(-z)),
+        "exo_pair": lambda z: (
+            (q := 1 / (1 + math.exp(-z))) * (math.log(q) - math.log(0.999))
+            + (1 - q) * (math.log(1 - q) - math.log(0.001))
+        ),
+        "discopop": lambda z: (
+            (m := 1 / (1 + math.exp(-z / 0.05))) * math.exp(-z) + (1 - m) * math.log1p(math.exp(-z))
+        ),
     }
     margins = {
         "difference": lambda r_w, r_l, beta, alpha: beta * (r_w - r_l),
@@ -391,7 +393,7 @@ def test_module_forward_passes_chosen_nll():
 METHOD_REQUIREMENTS = {
     "dpo": (True, False, False),
     "slic": (True, False, False),
-    "ipo": (True, False, False),
+    "ipo": (True, True, False),
     "bpo": (True, False, False),
     "dpop": (True, False, False),
     "cal_dpo": (True, False, False),
@@ -399,6 +401,15 @@ METHOD_REQUIREMENTS = {
     "rpo": (True, False, True),
     "simpo": (False, True, False),
     "chosen_nll": (False, False, True),
+    # TRL's objectives: ipo and sigmoid_norm average log-ratios over tokens (TRL's form)
+    "sigmoid_norm": (True, True, False),
+    **dict.fromkeys(
+        ["robust", "exo_pair", "discopop", "nca_pair", "bco_pair", "sppo_hard", "aot"],
+        (True, False, False),
+    ),
+    **dict.fromkeys(["aot_unpaired", "apo_zero", "apo_down", "kto", "odpo"], (True, False, False)),
+    # ORPO is reference-free on length-averaged log-probs, plus the chosen NLL
+    "orpo": (False, True, True),
 }
 
 
@@ -441,8 +452,8 @@ def test_module_bad_config_fails_at_construction(kwargs, error):
         PreferenceLoss(**kwargs)
 
 
-def test_module_from_method():
-    module = PreferenceLoss.from_method("bpo", beta=0.05)
+def test_module_of_a_method():
+    module = METHODS["bpo"].build(beta=0.05)
     assert module.options["loss"] == "hinge"
     assert module.options["margin"] == "balanced"
     assert module.beta == 0.05

@@ -4,7 +4,7 @@ The expected values are computed in float64 from the formulas as published (h = 
 log pi(y|x) - log pi_ref(y|x)), written here independently of losses/:
 
     dpo        -log sigmoid(beta (h_w - h_l))                                  arXiv 2305.18290
-    ipo        (h_w - h_l - 1/(2 tau))^2, times 4 tau^2 when beta = 2 tau       arXiv 2310.12036
+    ipo        (h_w - h_l - 1/(2 beta))^2 on length-averaged h (tau = beta)       arXiv 2310.12036
     slic       max(0, 1 - beta (h_w - h_l))                                    arXiv 2305.10425
     bpo        max(0, 1 - beta min(h_w, -0.3 h_l))                             arXiv 2506.03557
     dpop       -log sigmoid(beta (h_w - h_l - 50 max(0, -h_w)))                arXiv 2402.13228
@@ -27,6 +27,7 @@ import torch
 
 from losses import PreferenceLoss
 from losses.methods import METHODS, Method
+from tests.losses.conftest import extra_inputs
 
 # log-probs; h_w = (1, -1.5, 0.75, -5, -0.5, 3), h_l = (-1, -0.5, 0.5, 4, 0.5, -8)
 POLICY_CHOSEN = [-12.0, -30.5, -7.25, -50.0, -3.0, -20.0]
@@ -49,8 +50,9 @@ def neg_logsigmoid(x: float) -> float:
 
 def run(name: str, *args, **overrides) -> list[float]:
     module = METHODS[name].build(**overrides)
-    nll = torch.tensor(CHOSEN_NLL)
-    out = module(*(args or inputs()), policy_chosen_nll=nll)
+    extras = extra_inputs(6)
+    extras["policy_chosen_nll"] = torch.tensor(CHOSEN_NLL)
+    out = module(*(args or inputs()), **extras)
     return out.losses.tolist()
 
 
@@ -75,13 +77,13 @@ def test_every_method_builds_and_runs(name):
     assert isinstance(module, PreferenceLoss)
     pc, pr, rc, rr = inputs()
     pc.requires_grad_(True)
-    nll = torch.tensor(CHOSEN_NLL, requires_grad=True)
-    out = module(pc, pr, rc, rr, policy_chosen_nll=nll)
+    extras = extra_inputs(6, grad=True)
+    out = module(pc, pr, rc, rr, **extras)
     assert out.losses.shape == (6,)
     assert torch.isfinite(out.losses).all()
     out.losses.mean().backward()
     # the direct call gives the same values as the module
-    direct = method(pc, pr, rc, rr, policy_chosen_nll=nll)
+    direct = method(pc, pr, rc, rr, **extras)
     assert torch.equal(direct.losses, out.losses)
 
 
@@ -93,7 +95,9 @@ def test_every_method_finite_at_extreme_inputs(name, dtype):
     pr = torch.tensor([-1e5, 1e5, -1e5, 1e5, -99_000.0], dtype=dtype, requires_grad=True)
     refs = torch.tensor([0.0, 0.0, 0.0, 0.0, -1e5], dtype=dtype)
     nll = torch.tensor([1e5, 0.0, 3.0, 1e4, 2.0], dtype=dtype, requires_grad=True)
-    out = METHODS[name].build()(pc, pr, refs, refs, policy_chosen_nll=nll)
+    extras = extra_inputs(5, dtype)
+    extras["policy_chosen_nll"] = nll
+    out = METHODS[name].build()(pc, pr, refs, refs, **extras)
     assert out.losses.dtype == torch.float32
     assert torch.isfinite(out.losses).all(), out.losses
     out.losses.sum().backward()
@@ -109,10 +113,19 @@ def test_dpo():
     assert_close(run("dpo"), expected)
 
 
-@pytest.mark.parametrize("tau", [0.05, 0.25, 1.0])
-def test_ipo_is_4tau2_times_published_loss(tau):
-    expected = [4 * tau**2 * (w - l - 1 / (2 * tau)) ** 2 for w, l in zip(H_W, H_L, strict=True)]
-    assert_close(run("ipo", beta=2 * tau), expected)
+@pytest.mark.parametrize("beta", [0.05, 0.1, 1.0])
+def test_ipo_is_the_length_averaged_published_loss(beta):
+    # IPO Eq. 17 with tau = beta on length-averaged log-ratios (the trainer averages: here the
+    # inputs are taken as already averaged): (h_w - h_l - 1/(2 beta))^2, optimum h = 5 at 0.1
+    assert METHODS["ipo"].length_normalized
+    expected = [(w - l - 1 / (2 * beta)) ** 2 for w, l in zip(H_W, H_L, strict=True)]
+    assert_close(run("ipo", beta=beta), expected)
+
+
+def test_squared_loss_keeps_the_gpo_form():
+    # the GPO ablation's squared loss is (beta h - 1)^2, not IPO
+    expected = [(0.1 * (w - l) - 1) ** 2 for w, l in zip(H_W, H_L, strict=True)]
+    assert_close(run("dpo", loss="squared"), expected)
 
 
 def test_slic_hinge():
@@ -234,7 +247,7 @@ def test_unknown_override_rejected():
 def test_published_defaults():
     assert METHODS["dpo"].loss == "logistic" and METHODS["dpo"].margin == "difference"
     assert METHODS["slic"].loss == "hinge"
-    assert METHODS["ipo"].loss == "squared"
+    assert METHODS["ipo"].loss == "ipo"
     assert (METHODS["bpo"].loss, METHODS["bpo"].margin) == ("hinge", "balanced")
     assert METHODS["dpop"].options()["dpop_lambda"] == 50.0
     assert METHODS["simpo"].options()["reference_free"] is True
