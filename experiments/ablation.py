@@ -49,7 +49,10 @@ __all__ = [
     "Tables",
     "build_tables",
     "collect_runs",
+    "format_cell",
+    "format_gain",
     "main",
+    "md_table",
     "render_csv",
     "render_markdown",
     "write_report",
@@ -478,7 +481,8 @@ def format_gain(gain: PairedGain, percent: bool) -> str:
     return f"{_fmt(gain.mean, percent, True)} [{lo}, {hi}] (n={gain.n})"
 
 
-def _md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines: the header, the rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
@@ -506,7 +510,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         "by seed, mean [95% t confidence interval].",
         "",
     ]
-    out += _md_table(
+    out += md_table(
         ["loss", "known as", "difference", f"balanced (alpha={alpha})", "gain"],
         (
             [
@@ -522,7 +526,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
     if len(tables.alphas) > 1 or tables.other_margins:
         cols: list[float | str] = ["difference", *tables.alphas, *tables.other_margins]
         out += ["", "## Gap adaptor (alpha of the balanced margin)", ""]
-        out += _md_table(
+        out += md_table(
             ["loss", *(c if isinstance(c, str) else f"alpha={c:g}" for c in cols)],
             (
                 [loss, *(format_cell(by_col.get(c, Cell()), pct) for c in cols)]
@@ -531,7 +535,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         )
     if tables.methods:
         out += ["", "## Methods", ""]
-        out += _md_table(
+        out += md_table(
             ["method", "loss", "margin", tables.metric],
             ([m.label, m.loss, m.margin, format_cell(m.cell, pct)] for m in tables.methods),
         )
