@@ -9,7 +9,7 @@ in one :class:`LoopParts`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ import torch
 from engine import distributed as dist_utils
 from engine import run_state
 from engine.batching import StepSampler, collate_pairs
+from engine.diagnostics import GradientDiagnostics
 from engine.metrics import means, pair_sums
-from engine.objective import objective_output
+from engine.objective import feed, objective_inputs
 from engine.packing import PairLayout
 from engine.pair_batch import PairBatch
+from engine.pair_extras import PairExtras, kl_logratios
 from engine.reference import Reference
 from engine.run_state import RunState
 from engine.scoring import PairScores, score_pairs
@@ -47,14 +49,43 @@ class LoopParts:
     total_steps: int
     checkpoint_dir: Path
     logger: MetricsLogger | None  # rank 0 only
+    extras: PairExtras = field(default_factory=PairExtras)  # data-derived inputs (ODPO's scores)
+    diagnostics: GradientDiagnostics = field(default_factory=GradientDiagnostics)
 
 
-def train_step(parts: LoopParts, batch: PairBatch) -> tuple[PreferenceLossOutput, torch.Tensor]:
+def train_step(
+    parts: LoopParts, batch: PairBatch, diagnose: bool = False
+) -> tuple[PreferenceLossOutput, torch.Tensor]:
     """Forward (chosen and rejected in one pass) and the objective on one micro batch; returns
-    the objective's output and the batch's metric sums."""
+    the objective's output and the batch's metric sums. ``diagnose``: also collect the pairs'
+    gradient weights (:mod:`engine.diagnostics`; a logged step)."""
     policy = PairScores.split(*parts.engine(**batch.model_inputs()))
-    out = objective_output(parts.objective, policy, parts.reference.train_scores(batch))
+    batch_inputs = parts.extras.train_batch(batch.indices)
+    if parts.extras.mismatched_train is not None:
+        batch_inputs["kl_logratios"] = _mismatched_logratios(parts, batch)
+    inputs = objective_inputs(
+        parts.objective, policy, parts.reference.train_scores(batch), batch_inputs
+    )
+    out = feed(parts.objective, inputs)
+    if diagnose:
+        parts.diagnostics.add(parts.objective, inputs)
     return out, pair_sums(out, policy)
+
+
+def _mismatched_logratios(parts: LoopParts, batch: PairBatch) -> torch.Tensor:
+    """KTO's reference point inputs for ``batch``: its pairs' mismatched pairs (pair i's prompt
+    with pair i + 1's responses; the reference holds them as pairs N + i), scored by the policy
+    without gradient, as KTOTrainer does."""
+    mismatched = parts.extras.mismatched_train or []
+    indices = batch.indices.tolist()
+    offset = len(parts.data.train_pairs)
+    pad_id = int(parts.data.tokenizer.pad_token_id)
+    other = collate_pairs(
+        [mismatched[i] for i in indices], [offset + i for i in indices], pad_id, parts.layout
+    ).to(parts.device)
+    with torch.no_grad():
+        policy = PairScores.split(*parts.engine(**other.model_inputs()))
+    return kl_logratios(policy, parts.reference.train_scores(other))
 
 
 def evaluate(parts: LoopParts) -> dict[str, float]:
@@ -70,7 +101,22 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
             int(data.tokenizer.pad_token_id),
             parts.device,
         )
-        out = objective_output(parts.objective, scores, parts.reference.eval_scores())
+        reference = parts.reference.eval_scores()
+        batch_inputs = parts.extras.eval_inputs()
+        count = len(data.eval_pairs)
+        if parts.extras.mismatched_eval is not None:  # KTO: the reference also holds these
+            mismatched = score_pairs(
+                lambda batch: engine(**batch.model_inputs()),
+                parts.extras.mismatched_eval,
+                int(parts.trainer.micro_batch_size),
+                int(data.tokenizer.pad_token_id),
+                parts.device,
+            )
+            tail = reference.index(torch.arange(count, 2 * count))
+            batch_inputs["kl_logratios"] = kl_logratios(mismatched, tail)
+            reference = reference.index(torch.arange(count))
+        inputs = objective_inputs(parts.objective, scores, reference, batch_inputs)
+        out = feed(parts.objective, inputs)
         metrics.update(means(pair_sums(out, scores), "eval"))
         engine.train()
     for evaluator in data.evaluators:
@@ -91,6 +137,7 @@ def _log_train(parts: LoopParts, state: RunState) -> None:
         state.last_train["train/grad_norm"] = float(grad_norm)
     state.last_train["train/pairs_per_second"] = pairs_per_second
     state.last_train["train/epoch"] = state.step / parts.sampler.steps_per_epoch
+    state.last_train.update(parts.diagnostics.flush(parts.logger, state.step))
     if parts.logger is not None:
         parts.logger.log(state.step, state.last_train)
 
@@ -116,11 +163,12 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
     progress = _progress_bar(parts, state.step)
     state.window.restart_clock()
     for step in range(state.step, parts.total_steps):
+        logged = (step + 1) % log_every == 0 or step + 1 == parts.total_steps
         # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
         for micro_step in range(grad_accum):
             indices = parts.sampler.indices(step, micro_step, rank)
             batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
-            out, sums = train_step(parts, batch.to(device))
+            out, sums = train_step(parts, batch.to(device), diagnose=logged)
             engine.backward(out.losses.mean())
             engine.step()
             state.window.add(sums)

@@ -12,7 +12,8 @@ optional field to :class:`engine.scoring.PairScores` (filled where scores are ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +36,8 @@ class ObjectiveInputs:
         reference_chosen: log pi_ref(y_w|x), likewise (zeros for a reference-free objective).
         reference_rejected: log pi_ref(y_l|x), likewise.
         policy_chosen_nll: the chosen response's mean token NLL under the policy.
+        extras: the other per-pair inputs (``losses.PreferenceLoss.INPUTS``) the scores carry:
+            LD-DPO's tails (policy and reference), WPO's terms, ODPO's data scores.
     """
 
     policy_chosen: torch.Tensor
@@ -42,14 +45,37 @@ class ObjectiveInputs:
     reference_chosen: torch.Tensor
     reference_rejected: torch.Tensor
     policy_chosen_nll: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_scores(
-        cls, policy: PairScores, reference: PairScores, length_normalized: bool
+        cls,
+        policy: PairScores,
+        reference: PairScores,
+        length_normalized: bool,
+        batch_inputs: dict[str, torch.Tensor] | None = None,
     ) -> ObjectiveInputs:
         """The inputs from the policy's scores (with gradients) and the reference's (detached,
-        on any device: moved to the policy's)."""
+        on any device: moved to the policy's); ``batch_inputs``: inputs that do not come from
+        scores (ODPO's ``score_chosen`` / ``score_rejected`` columns, KTO's ``kl_logratios``)."""
         device = policy.chosen_logps.device
+        extras: dict[str, torch.Tensor] = {}
+        for prefix, source in (("policy", policy), ("ref", reference)):
+            if source.chosen_tail_logps is not None:  # averaged like the log-probs they cut
+                for side in ("chosen", "rejected"):
+                    tails = getattr(source, f"{side}_tail_logps")
+                    counts = getattr(source, f"{side}_counts")
+                    extras[f"{prefix}_{side}_tail_logps"] = _per_pair(
+                        tails, counts, length_normalized
+                    ).to(device)
+        if (
+            policy.chosen_weighting_logps is not None
+            and policy.rejected_weighting_logps is not None
+        ):
+            extras["chosen_weighting_logps"] = policy.chosen_weighting_logps
+            extras["rejected_weighting_logps"] = policy.rejected_weighting_logps
+        for key, value in (batch_inputs or {}).items():
+            extras[key] = value.to(device)
         return cls(
             policy_chosen=_per_pair(policy.chosen_logps, policy.chosen_counts, length_normalized),
             policy_rejected=_per_pair(
@@ -62,22 +88,43 @@ class ObjectiveInputs:
                 reference.rejected_logps, reference.rejected_counts, length_normalized
             ).to(device),
             policy_chosen_nll=-policy.chosen_logps / policy.chosen_counts.clamp(min=1),
+            extras=extras,
         )
+
+    def arguments(self) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the objective's call (:meth:`losses.PreferenceLoss.forward`)."""
+        args = (self.policy_chosen, self.policy_rejected)
+        args += (self.reference_chosen, self.reference_rejected)
+        return args, {"policy_chosen_nll": self.policy_chosen_nll, **self.extras}
 
 
 def objective_output(
-    objective: PreferenceLoss, policy: PairScores, reference: PairScores
+    objective: PreferenceLoss,
+    policy: PairScores,
+    reference: PairScores,
+    batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> PreferenceLossOutput:
-    """``objective`` on the pairs scored by ``policy`` and ``reference`` (same pairs, same order).
+    """``objective`` on the pairs scored by ``policy`` and ``reference`` (same pairs, same order);
+    ``batch_inputs``: inputs that do not come from scores (ODPO's score columns, KTO's
+    ``kl_logratios``).
 
     Returns the objective's output: per-pair ``losses`` (differentiable through ``policy``),
     ``chosen_rewards``, ``rejected_rewards`` and ``margins``.
     """
-    inputs = ObjectiveInputs.from_scores(policy, reference, objective.length_normalized)
-    return objective(
-        inputs.policy_chosen,
-        inputs.policy_rejected,
-        inputs.reference_chosen,
-        inputs.reference_rejected,
-        policy_chosen_nll=inputs.policy_chosen_nll,
-    )
+    return feed(objective, objective_inputs(objective, policy, reference, batch_inputs))
+
+
+def feed(objective: PreferenceLoss, inputs: ObjectiveInputs) -> PreferenceLossOutput:
+    """``objective`` called with ``inputs`` (the train step keeps the inputs for diagnostics)."""
+    args, kwargs = inputs.arguments()
+    return objective(*args, **kwargs)
+
+
+def objective_inputs(
+    objective: PreferenceLoss,
+    policy: PairScores,
+    reference: PairScores,
+    batch_inputs: dict[str, torch.Tensor] | None = None,
+) -> ObjectiveInputs:
+    """The :class:`ObjectiveInputs` of ``objective`` (its length normalisation applied)."""
+    return ObjectiveInputs.from_scores(policy, reference, objective.length_normalized, batch_inputs)

@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from engine.data import SCORE_FIELDS, TokenizedPair
+from engine.scoring import PairScores
 
 
 def score_columns(pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,3 +65,76 @@ def mismatched_logratios(policy_logps: torch.Tensor, reference_logps: torch.Tens
     """KTO's ``kl_logratios`` from the (2B,) policy and reference log-probs of the mismatched
     sequences of a batch (both responses of each mismatched pair), detached."""
     return (policy_logps.detach().float() - reference_logps.float()).detach()
+
+
+@dataclass(frozen=True)
+class PairExtras:
+    """The data-derived objective inputs of a run, (N,) in dataset order, indexed per batch.
+
+    Attributes:
+        train_scores: ``(score_chosen, score_rejected)`` of the train pairs, or None.
+        eval_scores: the same for the eval pairs, or None.
+        mismatched_train: KTO's mismatched pairs of the train pairs (:func:`mismatched_pairs`),
+            or None. The reference scores them as pairs N .. 2N - 1 (:meth:`reference_data`).
+        mismatched_eval: the same for the eval pairs, or None.
+    """
+
+    train_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    eval_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    mismatched_train: list[TokenizedPair] | None = None
+    mismatched_eval: list[TokenizedPair] | None = None
+
+    @classmethod
+    def for_objective(
+        cls,
+        requirements: Any,
+        train_pairs: Sequence[TokenizedPair],
+        eval_pairs: Sequence[TokenizedPair],
+        max_length: int,
+    ) -> PairExtras:
+        """What ``requirements`` (a :class:`losses.Requirements`) ask of the data, checked now,
+        before any model is loaded."""
+        found: dict[str, Any] = {}
+        if requirements.needs_scores:
+            found["train_scores"] = score_columns(train_pairs)
+            found["eval_scores"] = score_columns(eval_pairs) if eval_pairs else None
+        if requirements.needs_mismatched_pairs:
+            found["mismatched_train"] = mismatched_pairs(train_pairs, max_length)
+            if len(eval_pairs) > 1:
+                found["mismatched_eval"] = mismatched_pairs(eval_pairs, max_length)
+        return cls(**found)
+
+    def reference_data(self, data: Any) -> Any:
+        """``data`` (a :class:`engine.sources.PreparedData`) with the mismatched pairs appended
+        to its train and eval pairs, for the reference to score them with the others."""
+        if self.mismatched_train is None:
+            return data
+        return replace(
+            data,
+            train_pairs=[*data.train_pairs, *self.mismatched_train],
+            eval_pairs=[*data.eval_pairs, *(self.mismatched_eval or [])],
+        )
+
+    def train_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The data's inputs for the train pairs at ``indices`` (ODPO's score columns)."""
+        if self.train_scores is None:
+            return {}
+        cpu = indices.cpu()
+        return {
+            "score_chosen": self.train_scores[0][cpu],
+            "score_rejected": self.train_scores[1][cpu],
+        }
+
+    def eval_inputs(self) -> dict[str, torch.Tensor]:
+        """The data's inputs for every eval pair, in order."""
+        if self.eval_scores is None:
+            return {}
+        return {"score_chosen": self.eval_scores[0], "score_rejected": self.eval_scores[1]}
+
+
+def kl_logratios(policy: PairScores, reference: PairScores) -> torch.Tensor:
+    """KTO's ``kl_logratios``: the log-ratios of both responses of each mismatched pair (2B,),
+    detached (the reference point is a constant of the step, as in KTOTrainer)."""
+    chosen = policy.chosen_logps.detach().float() - reference.chosen_logps.to(policy.chosen_logps)
+    rejected = policy.rejected_logps.detach().float() - reference.rejected_logps.to(chosen)
+    return torch.cat([chosen, rejected]).detach()

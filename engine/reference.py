@@ -150,8 +150,7 @@ class LiveReference(Reference):
 
     def train_scores(self, batch: PairBatch) -> PairScores:
         with torch.no_grad():
-            logps, counts = self.scorer(batch)
-        return PairScores.split(logps, counts)
+            return PairScores.split(*self.scorer(batch))
 
 
 def make_reference(
@@ -160,11 +159,13 @@ def make_reference(
     model: torch.nn.Module,
     data: Any,
     device: torch.device,
+    tails: bool = False,
 ) -> Reference:
     """The reference ``cfg.reference`` asks for (see the module docstring). Call it before
     DeepSpeed wraps ``model`` (the initial policy): a live copy is taken from it.
 
-    ``data`` is the run's :class:`engine.sources.PreparedData`.
+    ``data`` is the run's :class:`engine.sources.PreparedData`; ``tails``: the objective needs
+    LD-DPO's tail log-probs of the reference too (a policy scoring with ``tails`` returns them).
     """
     reference_cfg = cfg.get("reference") or {}
     trainer = cfg.trainer
@@ -181,14 +182,15 @@ def make_reference(
     if reference_cfg.get("name_or_path"):
 
         def separate() -> ForwardFn:
-            return frozen_scorer(_load_separate(cfg, data, device), trainer)
+            return frozen_scorer(_load_separate(cfg, data, device), trainer, tails)
 
     if reference_cfg.get("precompute", True):
         return PrecomputedReference(*common, load_scorer=separate)
     if separate is not None:
         return LiveReference(*common, scorer=separate())
     # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
-    return LiveReference(*common, scorer=frozen_scorer(copy.deepcopy(model).to(device), trainer))
+    frozen = copy.deepcopy(model).to(device)
+    return LiveReference(*common, scorer=frozen_scorer(frozen, trainer, tails))
 
 
 def _load_separate(cfg: Any, data: Any, device: torch.device) -> torch.nn.Module:
@@ -205,18 +207,20 @@ def _load_separate(cfg: Any, data: Any, device: torch.device) -> torch.nn.Module
     return load_model(ref_cfg, data.tokenizer, seed=int(cfg.seed), key="reference").to(device)
 
 
-def frozen_scorer(model: torch.nn.Module, trainer: Any) -> ForwardFn:
-    """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients."""
+def frozen_scorer(model: torch.nn.Module, trainer: Any, tails: bool = False) -> ForwardFn:
+    """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients;
+    ``tails``: also LD-DPO's tail log-probs (``(logps, counts, extras)``)."""
     model.eval().requires_grad_(False)
     scorer = SequenceLogProbs(
         model,
         chunk_size=int(trainer.logit_chunk_size),
         keep_mb=float(trainer.get("logit_keep_mb", 0)),
         chunked=bool(trainer.get("chunked_logprobs", True)),
+        tails=tails,
     ).eval()
 
     @torch.no_grad()
-    def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(batch: PairBatch) -> tuple:
         return scorer(**batch.model_inputs())
 
     return forward
@@ -225,7 +229,7 @@ def frozen_scorer(model: torch.nn.Module, trainer: Any) -> ForwardFn:
 def _forward_of(policy: torch.nn.Module) -> ForwardFn:
     """``batch -> (logps, counts)`` of the policy (the DeepSpeed engine around SequenceLogProbs)."""
 
-    def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(batch: PairBatch) -> tuple:
         return policy(**batch.model_inputs())
 
     return forward

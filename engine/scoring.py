@@ -31,6 +31,12 @@ class PairScores:
     rejected_logps: torch.Tensor
     chosen_counts: torch.Tensor
     rejected_counts: torch.Tensor
+    # per-response extras (engine.logprobs.SequenceLogProbs(tails=..., weighting=...)), or None:
+    # LD-DPO's log-probs past the pair's shorter response, and WPO's mean log p - log sum p^2
+    chosen_tail_logps: torch.Tensor | None = None
+    rejected_tail_logps: torch.Tensor | None = None
+    chosen_weighting_logps: torch.Tensor | None = None
+    rejected_weighting_logps: torch.Tensor | None = None
 
     def index(self, indices: torch.Tensor) -> PairScores:
         """The scores of the pairs at ``indices``."""
@@ -42,11 +48,22 @@ class PairScores:
         )
 
     @classmethod
-    def split(cls, logps: torch.Tensor, counts: torch.Tensor) -> PairScores:
+    def split(
+        cls,
+        logps: torch.Tensor,
+        counts: torch.Tensor,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> PairScores:
         """The scores of a forward pass over a :class:`PairBatch` of B pairs: its 2B sequence
-        log-probs and counts, chosen first."""
+        log-probs and counts, chosen first, and any per-sequence ``extras`` of the scorer
+        (``"tail_logps"``, ``"weighting_logps"``)."""
         n = logps.shape[0] // 2
-        return cls(logps[:n], logps[n:], counts[:n], counts[n:])
+        halves = {}
+        for key, values in (extras or {}).items():
+            name = key.removesuffix("_logps")
+            halves[f"chosen_{name}_logps"] = values[:n]
+            halves[f"rejected_{name}_logps"] = values[n:]
+        return cls(logps[:n], logps[n:], counts[:n], counts[n:], **halves)
 
     @classmethod
     def zeros(cls, num_pairs: int) -> PairScores:
@@ -56,7 +73,12 @@ class PairScores:
         return cls(zeros, zeros.clone(), ones, ones.clone())
 
 
-ForwardFn = Callable[[PairBatch], tuple[torch.Tensor, torch.Tensor]]
+#: ``batch -> (logps, counts)`` of its 2B sequences, or ``(logps, counts, extras)`` when the scorer
+#: also returns per-sequence extras (a dict, see :meth:`PairScores.split`)
+ForwardFn = Callable[[PairBatch], tuple]
+
+#: the per-sequence extras a scorer may return, in the column order score_pairs stores them
+EXTRAS = ("tail_logps", "weighting_logps")
 
 
 @torch.no_grad()
@@ -72,18 +94,31 @@ def score_pairs(
     Every rank must call this with the same ``pairs``; every rank gets the full result.
     """
     own = shard_evenly(len(pairs), dist_utils.rank(), dist_utils.world_size())
-    rows = torch.zeros((len(own), 4), dtype=torch.float64)
+    # columns: chosen / rejected log-probs, counts, then each extra's chosen / rejected values
+    width = 4 + 2 * len(EXTRAS)
+    rows = torch.full((len(own), width), float("nan"), dtype=torch.float64)
     for start in range(0, len(own), batch_size):
         indices = own[start : start + batch_size]
         batch = collate_pairs([pairs[i] for i in indices], indices, pad_id).to(device)
-        logps, counts = forward(batch)
+        logps, counts, *rest = forward(batch)
         n = len(indices)
-        rows[start : start + n, 0] = logps[:n].double().cpu()
-        rows[start : start + n, 1] = logps[n:].double().cpu()
-        rows[start : start + n, 2] = counts[:n].double().cpu()
-        rows[start : start + n, 3] = counts[n:].double().cpu()
+        columns = [logps, counts]
+        extras = rest[0] if rest else {}
+        columns += [extras.get(key, torch.full_like(logps, float("nan"))) for key in EXTRAS]
+        for k, values in enumerate(columns):
+            rows[start : start + n, 2 * k] = values[:n].double().cpu()
+            rows[start : start + n, 2 * k + 1] = values[n:].double().cpu()
     index = torch.tensor(own, dtype=torch.float64).unsqueeze(1)
     gathered = dist_utils.all_gather_tensor(torch.cat([index, rows], dim=1).to(device)).cpu()
-    full = torch.zeros((len(pairs), 4), dtype=torch.float64)
+    full = torch.zeros((len(pairs), width), dtype=torch.float64)
     full[gathered[:, 0].long()] = gathered[:, 1:]  # padding repeats write identical values
-    return PairScores(full[:, 0].float(), full[:, 1].float(), full[:, 2].long(), full[:, 3].long())
+    found = {}
+    for k, key in enumerate(EXTRAS):
+        chosen, rejected = full[:, 4 + 2 * k], full[:, 5 + 2 * k]
+        if not torch.isnan(chosen).any():  # the scorer returned this extra
+            name = key.removesuffix("_logps")
+            found[f"chosen_{name}_logps"] = chosen.float()
+            found[f"rejected_{name}_logps"] = rejected.float()
+    return PairScores(
+        full[:, 0].float(), full[:, 1].float(), full[:, 2].long(), full[:, 3].long(), **found
+    )

@@ -58,6 +58,12 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, float(value), step)
 
+    def histogram(self, step: int, key: str, values: Any) -> None:
+        """A TensorBoard histogram of ``values`` (a tensor or array) at ``step`` (no-op without
+        TensorBoard; histograms do not go to metrics.jsonl)."""
+        if self._writer is not None:
+            self._writer.add_histogram(key, values, step)
+
     def close(self) -> None:
         """Flush and close the files."""
         self._file.close()

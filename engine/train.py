@@ -32,6 +32,7 @@ from engine.logprobs import SequenceLogProbs
 from engine.loop import LoopParts, run_loop
 from engine.modeling import load_model
 from engine.packing import PairLayout
+from engine.pair_extras import PairExtras
 from engine.reference import make_reference
 from engine.run_state import RunState, find_resume_step
 from engine.sources import PreparedData, prepare_data
@@ -51,18 +52,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     data = prepare_data(cfg)
     # model: the policy, as a module that scores the sequences of a pair batch
+    needs = objective.requirements
+    # objective inputs from the data (ODPO's score columns), checked before the model loads
+    extras = PairExtras.for_objective(
+        needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
+    )
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
     policy = SequenceLogProbs(
         model,
         chunk_size=int(cfg.trainer.logit_chunk_size),
         keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
         chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
+        weighting=needs.needs_weighting_logps,  # WPO's per-response term, in the LM head
+        tails=needs.needs_tail_logps,  # LD-DPO's tails
     )
     # order: which pairs each rank sees at each step, and how many steps
     sampler = step_sampler(data.train_pairs, cfg.trainer, dist_utils.world_size(), int(cfg.seed))
     total_steps = _total_steps(cfg.trainer, sampler)
     # reference: chosen now, before DeepSpeed wraps the policy (a live reference copies it)
-    reference = make_reference(cfg, objective.requirements.needs_reference, model, data, device)
+    # (KTO's mismatched pairs are scored by the reference with the others: extras.reference_data)
+    reference = make_reference(
+        cfg,
+        needs.needs_reference,
+        model,
+        extras.reference_data(data),
+        device,
+        tails=needs.needs_tail_logps,
+    )
     # DeepSpeed: the engine, its optimizer and the learning-rate schedule
     engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
     # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
@@ -95,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total_steps=total_steps,
         checkpoint_dir=checkpoint_dir,
         logger=logger,
+        extras=extras,
     )
     run_loop(parts, state)
     clock.lap("train")

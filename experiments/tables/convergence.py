@@ -98,6 +98,8 @@ def render_markdown(rows: Sequence[ConvergenceRow], title: str) -> str:
     ]
 
     def steps(r: ConvergenceRow) -> str:
+        if not r.finished:
+            return "-"
         if not r.reached:
             return "never"
         s = r.steps

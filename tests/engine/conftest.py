@@ -66,8 +66,10 @@ def solution(a: int, b: int, answer: int | None = None, wrong_step: bool = False
     return "".join(steps) + f"#### {a + b if answer is None else answer}"
 
 
-def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` prompt / chosen (correct) / rejected (wrong) rows of two-digit additions."""
+def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` prompt / chosen (correct) / rejected (wrong) rows of two-digit additions, with
+    UltraFeedback-style ``score_chosen`` > ``score_rejected`` columns (ODPO reads them; every
+    other objective ignores them)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -78,6 +80,8 @@ def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
                 "prompt": f"{a}+{b}=",
                 "chosen": solution(a, b),
                 "rejected": solution(a, b, answer=wrong, wrong_step=rng.random() < 0.5),
+                "score_chosen": 6.0 + a % 4,
+                "score_rejected": 1.0 + b % 3,
             }
         )
     return rows

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.data import TokenizedPair
-from engine.pair_extras import mismatched_logratios, mismatched_pairs, score_columns
+from engine.pair_extras import kl_logratios, mismatched_pairs, score_columns
+from engine.scoring import PairScores
 
 
 def pair(i: int, **scores) -> TokenizedPair:
@@ -46,7 +47,9 @@ def test_mismatched_pairs_take_the_next_pairs_responses():
         mismatched_pairs(pairs[:1], 10)
 
 
-def test_mismatched_logratios_are_detached():
-    policy = torch.tensor([-3.0, -4.0], requires_grad=True)
-    out = mismatched_logratios(policy, torch.tensor([-2.0, -5.0]))
+def test_kl_logratios_are_detached():
+    ones = torch.ones(1, dtype=torch.long)
+    policy = PairScores(torch.tensor([-3.0], requires_grad=True), torch.tensor([-4.0]), ones, ones)
+    reference = PairScores(torch.tensor([-2.0]), torch.tensor([-5.0]), ones, ones)
+    out = kl_logratios(policy, reference)
     assert out.tolist() == [-1.0, 1.0] and not out.requires_grad

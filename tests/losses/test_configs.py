@@ -123,8 +123,8 @@ def test_loss_and_margin_overrides_compose(compose_config, loss, margin):
 
 
 @pytest.mark.parametrize("loss", sorted(PAIR_LOSSES))
-def test_per_side_loss_with_balanced_margin_is_a_clear_error(loss):
+def test_per_side_loss_with_balanced_margin_is_a_clear_error(compose_config, loss):
     """``loss=<per-side> margin=balanced`` composes, and building its objective says why not."""
-    cfg = compose([f"loss={loss}", "margin=balanced"])
+    cfg = compose_config([f"loss={loss}", "margin=balanced"])
     with pytest.raises(ValueError, match="does not cross with margin='balanced'"):
         PreferenceLoss(loss=cfg.loss.name, margin=cfg.margin.name, alpha=cfg.margin.alpha)
