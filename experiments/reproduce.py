@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     planned, notes = plan(tables)
     for note in notes:
         print(f"[plan] {note}", flush=True)
+    seeds = len(args.seeds.split(","))
+    for p in planned:
+        print(
+            f"[plan] {p.name}: {p.cells // len(p.grid.get('seed', [''])) * seeds} runs", flush=True
+        )
 
     started = time.time()
     revision = git_revision()  # before the runs: the code they ran
