@@ -49,6 +49,9 @@ __all__ = [
     "Tables",
     "build_tables",
     "collect_runs",
+    "csv_number",
+    "csv_text",
+    "fill_cell",
     "format_cell",
     "format_gain",
     "main",
@@ -329,7 +332,9 @@ def _choose_alpha(alphas: Counter, alpha: float | None) -> float | None:
     return max(sorted(alphas), key=lambda a: alphas[a])  # most common; ties -> smallest
 
 
-def _fill(cell: Cell, run: Run, metric: str, scale: float) -> None:
+def fill_cell(cell: Cell, run: Run, metric: str, scale: float) -> None:
+    """Count ``run`` into ``cell``: its metric x ``scale`` (and seed) when it finished with the
+    metric, else as failed, incomplete or without the metric."""
     if run.status == "failed":
         cell.failed += 1
     elif run.status == "incomplete":
@@ -394,7 +399,7 @@ def build_tables(
         if col is None:  # a balanced run that records no alpha cannot be placed
             no_alpha += 1
             continue
-        _fill(gap[r.loss].setdefault(col, Cell()), r, metric, scale)
+        fill_cell(gap[r.loss].setdefault(col, Cell()), r, metric, scale)
     if no_alpha:
         notes.append(f"{no_alpha} balanced run(s) record no margin.alpha and are left out")
     rows = []
@@ -414,7 +419,7 @@ def build_tables(
         k = (r.method, _key(r.alpha))
         if k not in method_cells:
             method_cells[k] = MethodRow(r.method, r.loss or "-", r.margin or "-", Cell())
-        _fill(method_cells[k].cell, r, metric, scale)
+        fill_cell(method_cells[k].cell, r, metric, scale)
     method_alphas = Counter(m for m, _ in method_cells)
     for (m, a), row in method_cells.items():
         if method_alphas[m] > 1 and a is not None:
@@ -564,14 +569,26 @@ CSV_COLUMNS = (
 )
 
 
+def csv_number(x: float | None) -> str:
+    """A CSV cell for a number: empty when undefined (None or nan), else rounded to 10 digits."""
+    return "" if x is None or math.isnan(x) else repr(round(x, 10))
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV file's text: the header line, then one line per row."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def render_csv(tables: Tables) -> str:
     """One row per loss: mean, std, n, failed, incomplete per margin; paired gain and its 95% CI.
 
     Values are in display units (percent for accuracies, see the `unit` column); empty = undefined.
     """
-
-    def num(x: float) -> str:
-        return "" if math.isnan(x) else repr(round(x, 10))
+    num = csv_number
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -9,14 +9,11 @@ mean ± std of their steps. The paper claims BPO converges faster: this is the m
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablation import Run, md_table
+from experiments.ablation import Run, csv_number, csv_text, md_table
 from experiments.stats import Summary, summarize
 
 __all__ = [
@@ -114,14 +111,12 @@ def render_markdown(rows: Sequence[ConvergenceRow], title: str) -> str:
 
 def render_csv(rows: Sequence[ConvergenceRow]) -> str:
     """One row per cell: steps mean/std over the seeds that reached SFT + 10, counts."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["cell", "steps_mean", "steps_std", "reached", "finished", "eval_every"])
+    body = []
     for r in rows:
-        mean = "" if math.isnan(r.steps.mean) else repr(round(r.steps.mean, 6))
-        std = "" if math.isnan(r.steps.std) else repr(round(r.steps.std, 6))
-        w.writerow([r.label, mean, std, r.reached, r.finished, r.eval_every or ""])
-    return buf.getvalue()
+        mean, std = csv_number(r.steps.mean), csv_number(r.steps.std)
+        body.append([r.label, mean, std, r.reached, r.finished, r.eval_every or ""])
+    header = ["cell", "steps_mean", "steps_std", "reached", "finished", "eval_every"]
+    return csv_text(header, body)
 
 
 def plot(cells: Mapping[str, Sequence[Run]], out: Path, sft: float | None) -> list[str]:

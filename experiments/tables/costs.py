@@ -10,11 +10,9 @@ and the sum of its runs' (jobs run in parallel, so compare per job).
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 
-from experiments.ablation import Run, md_table
+from experiments.ablation import Run, csv_text, md_table
 
 __all__ = ["PHASES", "render_csv", "render_markdown", "totals"]
 
@@ -70,14 +68,12 @@ def render_markdown(cells: Mapping[str, Sequence[Run]], title: str) -> str:
 
 def render_csv(cells: Mapping[str, Sequence[Run]]) -> str:
     """One row per finished run that records timings: its cell, seed, path and seconds by phase."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["cell", "seed", "run", *(f"{p}_s" for p in PHASES), "wall_s"])
+    rows = []
     for label, runs in cells.items():
         for run in runs:
             t = _timings(run) if run.status == "finished" else None
             if t is None:
                 continue
             wall = (run.results or {}).get("wall_seconds", "")
-            w.writerow([label, run.seed, str(run.path)] + [round(t[p], 3) for p in PHASES] + [wall])
-    return buf.getvalue()
+            rows.append([label, run.seed, str(run.path), *(round(t[p], 3) for p in PHASES), wall])
+    return csv_text(["cell", "seed", "run", *(f"{p}_s" for p in PHASES), "wall_s"], rows)

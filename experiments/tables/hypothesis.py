@@ -13,14 +13,13 @@ the std of the means) and of the chosen-side gradient weight across losses (std 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from experiments.ablation import PAPER_LOSSES, Cell, Run, format_cell, md_table
+from experiments.ablation import PAPER_LOSSES, Cell, Run, csv_text, format_cell, md_table
+from experiments.ablation import csv_number as num
 from experiments.tables.select import cell, optimizer_of
 
 __all__ = ["HypothesisCell", "HypothesisTable", "build", "render_csv", "render_markdown"]
@@ -162,42 +161,20 @@ def render_markdown(table: HypothesisTable) -> str:
     return "\n".join(out) + "\n"
 
 
+CSV_COLUMNS = (
+    *("optimizer", "loss", "mean", "std", "n", "failed", "z_mean", "z_last"),
+    *("grad_weight_chosen", "grad_weight_rejected"),
+)
+
+
 def render_csv(table: HypothesisTable) -> str:
     """One row per optimizer x loss cell."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
+    rows = [
         [
-            "optimizer",
-            "loss",
-            "mean",
-            "std",
-            "n",
-            "failed",
-            "z_mean",
-            "z_last",
-            "grad_weight_chosen",
-            "grad_weight_rejected",
+            *(c.optimizer, c.loss, num(c.cell.summary.mean), num(c.cell.summary.std)),
+            *(c.cell.summary.n, c.cell.failed, num(c.z_mean), num(c.z_last)),
+            *(num(c.weight_chosen), num(c.weight_rejected)),
         ]
-    )
-
-    def num(x: float | None) -> str:
-        return "" if x is None or math.isnan(x) else repr(round(x, 10))
-
-    for c in table.cells:
-        s = c.cell.summary
-        w.writerow(
-            [
-                c.optimizer,
-                c.loss,
-                num(s.mean),
-                num(s.std),
-                s.n,
-                c.cell.failed,
-                num(c.z_mean),
-                num(c.z_last),
-                num(c.weight_chosen),
-                num(c.weight_rejected),
-            ]
-        )
-    return buf.getvalue()
+        for c in table.cells
+    ]
+    return csv_text(CSV_COLUMNS, rows)

@@ -9,15 +9,14 @@ its 95% t interval; the final eval chosen reward (below 0: the chosen response l
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, format_cell, format_gain, md_table
+from experiments.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
+from experiments.ablation import csv_number as num
 from experiments.stats import PairedGain, Summary, paired_gain, summarize
 from experiments.tables.select import (
     METRIC,
@@ -156,15 +155,10 @@ CSV_COLUMNS = (
 def render_csv(table: MethodsTable) -> str:
     """One row per method; accuracies in percent, empty = undefined."""
 
-    def num(x: float | None) -> str:
-        return "" if x is None or math.isnan(x) else repr(round(x, 10))
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    rows = []
     for r in table.rows:
         s, g = r.cell.summary, r.vs_dpo
-        w.writerow(
+        rows.append(
             [
                 r.method,
                 r.objective,
@@ -181,7 +175,7 @@ def render_csv(table: MethodsTable) -> str:
                 num(r.chosen_reward.mean),
             ]
         )
-    return buf.getvalue()
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def plot(table: MethodsTable, out: Path) -> list[str]:

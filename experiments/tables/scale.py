@@ -8,14 +8,12 @@ by seed with its 95% t interval. The paper's four models follow, for reference.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, format_cell, format_gain, md_table
+from experiments.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
+from experiments.ablation import csv_number as num
 from experiments.stats import PairedGain, paired_gain
 from experiments.tables.select import (
     METRIC,
@@ -155,20 +153,15 @@ CSV_COLUMNS = (
 def render_csv(table: ScaleTable) -> str:
     """One row per size; accuracies in percent, empty = undefined."""
 
-    def num(x: float | None) -> str:
-        return "" if x is None or math.isnan(x) else repr(round(x, 10))
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    rows = []
     for r in table.rows:
         row = [r.size.hidden_size, r.size.num_layers, r.parameters or "", num(r.sft)]
         row.append("" if r.sft_in_band is None else str(r.sft_in_band).lower())
         for c in (r.dpo, r.bpo):
             row += [num(c.summary.mean), num(c.summary.std), c.summary.n, c.failed]
         row += [num(r.gain.mean), num(r.gain.ci_low), num(r.gain.ci_high), r.gain.n]
-        w.writerow(row)
-    return buf.getvalue()
+        rows.append(row)
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def plot(table: ScaleTable, out: Path) -> list[str]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, collect_runs
+from experiments.ablation import Cell, Run, collect_runs, fill_cell
 
 __all__ = [
     "METRIC",
@@ -119,15 +119,7 @@ def cell(runs: Iterable[Run], metric: str = METRIC, scale: float = 100.0) -> Cel
         if run.seed is not None and run.seed in seen:
             continue
         seen.add(run.seed)
-        if run.status == "failed":
-            out.failed += 1
-        elif run.status == "incomplete":
-            out.incomplete += 1
-        elif (v := run.value(metric)) is None:
-            out.no_metric += 1
-        else:
-            out.values.append(v * scale)
-            out.seeds.append(run.seed)
+        fill_cell(out, run, metric, scale)
     return out
 
 
