@@ -94,26 +94,19 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if data.eval_pairs:
         engine.eval()
-        scores = score_pairs(
-            lambda batch: engine(**batch.model_inputs()),
-            data.eval_pairs,
-            int(parts.trainer.micro_batch_size),
-            int(data.tokenizer.pad_token_id),
-            parts.device,
-        )
+
+        def score(pairs: list) -> PairScores:
+            micro, pad_id = int(parts.trainer.micro_batch_size), int(data.tokenizer.pad_token_id)
+            forward = lambda batch: engine(**batch.model_inputs())  # noqa: E731
+            return score_pairs(forward, pairs, micro, pad_id, parts.device)
+
+        scores = score(data.eval_pairs)
         reference = parts.reference.eval_scores()
         batch_inputs = parts.extras.eval_inputs()
         count = len(data.eval_pairs)
         if parts.extras.mismatched_eval is not None:  # KTO: the reference also holds these
-            mismatched = score_pairs(
-                lambda batch: engine(**batch.model_inputs()),
-                parts.extras.mismatched_eval,
-                int(parts.trainer.micro_batch_size),
-                int(data.tokenizer.pad_token_id),
-                parts.device,
-            )
             tail = reference.index(torch.arange(count, 2 * count))
-            batch_inputs["kl_logratios"] = kl_logratios(mismatched, tail)
+            batch_inputs["kl_logratios"] = kl_logratios(score(parts.extras.mismatched_eval), tail)
             reference = reference.index(torch.arange(count))
         inputs = objective_inputs(parts.objective, scores, reference, batch_inputs)
         out = feed(parts.objective, inputs)

@@ -14,6 +14,7 @@ per side, which do not cross with a margin), :data:`F_DIVERGENCES` (reward trans
 """
 
 from losses.core import PreferenceLossOutput, crosses_margin, preference_loss
+from losses.diagnostics import PairDiagnostics, pair_diagnostics
 from losses.functions import (
     EXP_CAP,
     LOSSES,
@@ -43,6 +44,7 @@ __all__ = [
     "METHODS",
     "PAIR_LOSSES",
     "Method",
+    "PairDiagnostics",
     "PairTerms",
     "PreferenceLoss",
     "PreferenceLossOutput",
@@ -58,6 +60,7 @@ __all__ = [
     "hinge",
     "ipo",
     "logistic",
+    "pair_diagnostics",
     "preference_loss",
     "robust",
     "savage",

@@ -1,0 +1,86 @@
+"""What the gradient-weight diagnostics cost: ``python -m experiments.diagnostics_cost``.
+
+Trains with ``engine.train.train`` on the benchmark's synthetic pairs and randomly initialised
+Llama (``experiments/bench_setup.py``; no download) with ``trainer.log_every=1``, so every step is a
+logged step and pays for the diagnostics (the worst case; the default logs every 10th step). The
+time spent in :class:`engine.diagnostics.GradientDiagnostics` (computing the weights and writing
+the TensorBoard histograms) is divided by the loop's total step time, read back from
+``metrics.jsonl``. Prints one line per model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from experiments import bench_setup
+from experiments.bench_setup import ModelSize, PairSpec
+
+SIZES = {
+    "tiny": ModelSize(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, vocab_size=512
+    ),
+    "small": bench_setup.SIZES["small"],
+}
+
+
+def measure(size_name: str, steps: int, micro_batch: int, workdir: Path) -> dict[str, float]:
+    """Train ``steps`` steps; return the diagnostics' seconds, the steps' seconds and the ratio."""
+    import engine.train as train_module
+    from engine.metrics import read_metrics
+    from experiments.bench_worker import compose_ours, ours_overrides
+
+    size = SIZES[size_name]
+    model_dir = bench_setup.build_model_dir(workdir / "model", size, max_positions=256)
+    pairs = bench_setup.synthetic_pairs(
+        steps * micro_batch, PairSpec(prompt=(32, 96), response=(16, 96)), size.vocab_size
+    )
+    train_file = bench_setup.write_pairs(workdir / "train.jsonl", pairs)
+    spec = {
+        "model_dir": str(model_dir), "dtype": "float32", "max_length": 256, "beta": 0.1,
+        "seed": 0, "steps": steps, "micro_batch": micro_batch, "lr": 1e-5,
+        "train_file": str(train_file), "run_dir": str(workdir / "run"),
+        "overrides": ["trainer.tensorboard=true"],
+    }  # fmt: skip
+    seen = {}
+    run_loop = train_module.run_loop
+
+    def timed_run_loop(parts, state):  # calls through, then reads the diagnostics' clock
+        run_loop(parts, state)
+        seen["seconds"] = parts.diagnostics.seconds
+
+    train_module.run_loop = timed_run_loop
+    try:
+        train_module.train(compose_ours(ours_overrides(spec)))
+    finally:
+        train_module.run_loop = run_loop
+    rows = [r for r in read_metrics(workdir / "run" / "metrics.jsonl") if "train/loss" in r]
+    step_seconds = sum(micro_batch / r["train/pairs_per_second"] for r in rows)
+    return {
+        "diagnostics_seconds": seen["seconds"],
+        "step_seconds": step_seconds,
+        "fraction": seen["seconds"] / step_seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    args = parser.parse_args(argv)
+    for name in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="diag-cost-") as workdir:
+            found = measure(name, args.steps, args.micro_batch, Path(workdir))
+        print(
+            f"{name}: diagnostics {found['diagnostics_seconds'] * 1e3:.1f} ms over "
+            f"{args.steps} logged steps of {found['step_seconds']:.2f} s in all: "
+            f"{100 * found['fraction']:.2f}% of step time",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
