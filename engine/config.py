@@ -19,6 +19,9 @@ from losses import PreferenceLoss
 #: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
 OBJECTIVE_EXTRAS = PreferenceLoss.EXTRAS
 
+#: ``trainer.optimizer``: AdamW (the default) or plain SGD (``trainer.momentum``, default 0)
+OPTIMIZERS = ("adamw", "sgd")
+
 _POSITIVE_INTS = ("micro_batch_size", "log_every", "logit_chunk_size")
 _NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")
 # null = the default (grad_accum: derived from global_batch, else 1; global_batch: not set)
@@ -144,6 +147,12 @@ def _validate_switches(cfg: DictConfig) -> None:
             f"trainer.{key}",
             f"must be true or false, got {value!r}",
         )
+    optimizer = trainer.get("optimizer", "adamw")
+    _require(
+        optimizer in OPTIMIZERS,
+        "trainer.optimizer",
+        f"must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}",
+    )
     block = trainer.get("block_attention")
     _require(
         block is None or block in BLOCK_ATTENTION,
@@ -248,18 +257,31 @@ def build_deepspeed_config(
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = int(trainer.micro_batch_size) * accum * world_size
     ds["gradient_clipping"] = float(trainer.grad_clip)
-    ds["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": float(trainer.lr),
-            "betas": [float(b) for b in trainer.adam_betas],
-            "eps": 1e-8,
-            "weight_decay": float(trainer.weight_decay),
-            # torch's AdamW on CPU: same update, and no JIT build of DeepSpeed's fused_adam op
-            # (about 40 s on a fresh machine); on GPU DeepSpeed's fused kernel is used
-            "torch_adam": not torch.cuda.is_available(),
-        },
-    }
+    if trainer.get("optimizer", "adamw") == "sgd":
+        # torch.optim.SGD (DeepSpeed takes any torch.optim name): the update keeps the gradient's
+        # scale, which Adam divides away (the ablation's hypothesis test compares the two)
+        ds["optimizer"] = {
+            "type": "SGD",
+            "params": {
+                "lr": float(trainer.lr),
+                "momentum": float(trainer.get("momentum", 0.0)),
+                "weight_decay": float(trainer.weight_decay),
+            },
+        }
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": float(trainer.lr),
+                "betas": [float(b) for b in trainer.adam_betas],
+                "eps": 1e-8,
+                "weight_decay": float(trainer.weight_decay),
+                # torch's AdamW on CPU: same update, and no JIT build of DeepSpeed's fused_adam
+                # op (about 40 s on a fresh machine); on GPU DeepSpeed's fused kernel is used
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        }
     ds["bf16"] = {"enabled": model_dtype == torch.bfloat16}
     ds["fp16"] = {"enabled": model_dtype == torch.float16}
     ds.setdefault("steps_per_print", 10**9)  # the engine logs; keep DeepSpeed's own printing quiet

@@ -8,6 +8,7 @@ in one :class:`LoopParts`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
 
             # eval
             if (eval_every and done % eval_every == 0) or last:
+                eval_started = time.time()
                 state.last_eval = evaluate(parts)
+                state.eval_seconds += time.time() - eval_started
                 if parts.logger is not None and state.last_eval:
                     parts.logger.log(done, state.last_eval)
 

@@ -30,6 +30,7 @@ class RunState:
     window: MetricsWindow = field(default_factory=MetricsWindow)
     last_train: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+    eval_seconds: float = 0.0  # this process's time in evaluate() (results.json timings; not saved)
 
     def to_client_state(self, device: torch.device) -> dict[str, Any]:
         """The checkpoint's client state (all-reduces the window: every rank must call this)."""

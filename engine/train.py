@@ -43,6 +43,7 @@ from engine.preemption import Preempted, exit_preempted
 from engine.reference import make_reference
 from engine.run_state import RunState, find_resume_step
 from engine.sources import PreparedData, prepare_data
+from engine.timing import PhaseClock
 from engine.tracking import MetricsLogger
 from losses import PreferenceLoss
 
@@ -52,6 +53,7 @@ log = logging.getLogger("engine.train")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
     started = time.time()
+    clock = PhaseClock(started)  # results.json's timings: where the wall time went
     # setup: checks, the objective, the process group, the batch for its world size (grad_accum
     # from trainer.global_batch), the run directory, seeds, the device
     cfg, objective, run_dir, device = _setup(cfg)
@@ -96,10 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # engine.run_state.find_resume_step
     checkpoint_dir = run_dir / "checkpoints"
     resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
+    clock.lap("startup")
     # reference scores, once before any update (read back from the run directory on resume)
     reference.prepare(engine, run_dir, resume=resume_step is not None)
     # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
     state = run_state.restore(engine, checkpoint_dir, resume_step)
+    clock.lap("reference")
     # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only
     logger = MetricsLogger.from_config(run_dir, cfg, resume_step) if dist_utils.is_main() else None
     # loop: forward, loss, backward, step, log, eval, checkpoint
@@ -120,11 +124,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         extras=extras,
     )
     run_loop(parts, state)
+    clock.lap("train")
+    clock.move(state.eval_seconds, "train", "eval")
     # export: the final model in Hugging Face format
     if cfg.trainer.get("export", True):
         export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
+    clock.lap("export")
     # results: results.json (rank 0) and the closing console line
-    results = _results(cfg, data, state, total_steps, started)
+    results = _results(cfg, data, state, total_steps, started, clock.seconds())
     if logger is not None:
         logger.close()
         atomic_write_json(run_dir / "results.json", results)
@@ -202,9 +209,15 @@ def _initialize_deepspeed(
 
 
 def _results(
-    cfg: DictConfig, data: PreparedData, state: RunState, total_steps: int, started: float
+    cfg: DictConfig,
+    data: PreparedData,
+    state: RunState,
+    total_steps: int,
+    started: float,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """``results.json``: the objective, the run's size and time, the last logged train and eval
+    """``results.json``: the objective, the run's size and time (and its split by phase,
+    ``timings``: startup, reference, train, eval, export seconds), the last logged train and eval
     means, how the data loaded, and the data source's own sections (the task's ``sft``)."""
     results: dict[str, Any] = {
         "loss": cfg.loss.name,
@@ -216,6 +229,7 @@ def _results(
         "steps": total_steps,
         "world_size": dist_utils.world_size(),
         "wall_seconds": time.time() - started,
+        "timings": dict(timings or {}),
         "train": {k.split("/", 1)[1]: v for k, v in state.last_train.items()},
         "eval": _nested({k.split("/", 1)[1]: v for k, v in state.last_eval.items()}),
         "data": data.reports(),

@@ -49,7 +49,13 @@ __all__ = [
     "Tables",
     "build_tables",
     "collect_runs",
+    "csv_number",
+    "csv_text",
+    "fill_cell",
+    "format_cell",
+    "format_gain",
     "main",
+    "md_table",
     "render_csv",
     "render_markdown",
     "write_report",
@@ -326,7 +332,9 @@ def _choose_alpha(alphas: Counter, alpha: float | None) -> float | None:
     return max(sorted(alphas), key=lambda a: alphas[a])  # most common; ties -> smallest
 
 
-def _fill(cell: Cell, run: Run, metric: str, scale: float) -> None:
+def fill_cell(cell: Cell, run: Run, metric: str, scale: float) -> None:
+    """Count ``run`` into ``cell``: its metric x ``scale`` (and seed) when it finished with the
+    metric, else as failed, incomplete or without the metric."""
     if run.status == "failed":
         cell.failed += 1
     elif run.status == "incomplete":
@@ -391,7 +399,7 @@ def build_tables(
         if col is None:  # a balanced run that records no alpha cannot be placed
             no_alpha += 1
             continue
-        _fill(gap[r.loss].setdefault(col, Cell()), r, metric, scale)
+        fill_cell(gap[r.loss].setdefault(col, Cell()), r, metric, scale)
     if no_alpha:
         notes.append(f"{no_alpha} balanced run(s) record no margin.alpha and are left out")
     rows = []
@@ -411,7 +419,7 @@ def build_tables(
         k = (r.method, _key(r.alpha))
         if k not in method_cells:
             method_cells[k] = MethodRow(r.method, r.loss or "-", r.margin or "-", Cell())
-        _fill(method_cells[k].cell, r, metric, scale)
+        fill_cell(method_cells[k].cell, r, metric, scale)
     method_alphas = Counter(m for m, _ in method_cells)
     for (m, a), row in method_cells.items():
         if method_alphas[m] > 1 and a is not None:
@@ -478,7 +486,8 @@ def format_gain(gain: PairedGain, percent: bool) -> str:
     return f"{_fmt(gain.mean, percent, True)} [{lo}, {hi}] (n={gain.n})"
 
 
-def _md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines: the header, the rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
@@ -506,7 +515,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         "by seed, mean [95% t confidence interval].",
         "",
     ]
-    out += _md_table(
+    out += md_table(
         ["loss", "known as", "difference", f"balanced (alpha={alpha})", "gain"],
         (
             [
@@ -522,7 +531,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
     if len(tables.alphas) > 1 or tables.other_margins:
         cols: list[float | str] = ["difference", *tables.alphas, *tables.other_margins]
         out += ["", "## Gap adaptor (alpha of the balanced margin)", ""]
-        out += _md_table(
+        out += md_table(
             ["loss", *(c if isinstance(c, str) else f"alpha={c:g}" for c in cols)],
             (
                 [loss, *(format_cell(by_col.get(c, Cell()), pct) for c in cols)]
@@ -531,7 +540,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         )
     if tables.methods:
         out += ["", "## Methods", ""]
-        out += _md_table(
+        out += md_table(
             ["method", "loss", "margin", tables.metric],
             ([m.label, m.loss, m.margin, format_cell(m.cell, pct)] for m in tables.methods),
         )
@@ -560,14 +569,26 @@ CSV_COLUMNS = (
 )
 
 
+def csv_number(x: float | None) -> str:
+    """A CSV cell for a number: empty when undefined (None or nan), else rounded to 10 digits."""
+    return "" if x is None or math.isnan(x) else repr(round(x, 10))
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV file's text: the header line, then one line per row."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def render_csv(tables: Tables) -> str:
     """One row per loss: mean, std, n, failed, incomplete per margin; paired gain and its 95% CI.
 
     Values are in display units (percent for accuracies, see the `unit` column); empty = undefined.
     """
-
-    def num(x: float) -> str:
-        return "" if math.isnan(x) else repr(round(x, 10))
+    num = csv_number
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

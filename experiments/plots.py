@@ -24,6 +24,7 @@ __all__ = [
     "mean_curve",
     "plot_accuracy",
     "plot_chosen_below_zero",
+    "plot_curves",
     "plot_gradient_weights",
     "plot_rewards",
     "series",
@@ -215,6 +216,47 @@ def plot_chosen_below_zero(
     ax.set_ylabel("fraction chosen reward < 0")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_curves(
+    cells: Mapping[str, Sequence[Sequence[Mapping]]],
+    panels: Sequence[tuple[str, str, float | None]],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """Side-by-side panels of metrics against step, one line per cell (mean over its seeds).
+
+    ``cells``: label -> per-seed lists of metrics.jsonl rows. ``panels``: (metric key, y label,
+    a dashed horizontal reference line or None) per panel, e.g. ``eval/accuracy`` with the SFT
+    accuracy + 10 points the convergence table counts steps to.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, (key, ylabel, reference) in zip(axes[0], panels, strict=True):
+        for i, (label, runs) in enumerate(cells.items()):
+            x, y = mean_curve(runs, key)
+            if len(x):
+                ax.plot(
+                    x,
+                    y,
+                    color=colors[i % len(colors)],
+                    linestyle=styles[(i // len(colors)) % len(styles)],
+                    marker=".",
+                    label=label,
+                )
+        if reference is not None and math.isfinite(reference):
+            ax.axhline(reference, color="black", linestyle="--", linewidth=0.9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return Path(path)

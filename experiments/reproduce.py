@@ -1,18 +1,31 @@
-"""Reproduce the BPO ablation in miniature: three Hydra sweeps, then the table and plots.
+"""Reproduce the BPO paper's tables in miniature: the sweeps, then the reports, one command.
 
-    python -m experiments.reproduce [--jobs N] [--out experiments/results/ablation]
-        [--sweep-root multirun/reproduce] [--seeds 0,1,2] [extra hydra overrides...]
+    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis] [--jobs N]
+        [--out experiments/results] [--sweep-root multirun/reproduce] [--seeds 0,1,2]
+        [--dry-run] [extra hydra overrides for every job...]
 
-Runs, on the embedded math task (its SFT model and pairs are built once, before the sweeps):
-1. ``+experiment=ablation``: six losses x {difference, balanced at alpha 0.3} x seeds;
-2. ``+experiment=ablation_control``: the chosen-NLL control (no rejected term) x seeds;
-3. ``+experiment=ablation_alpha``: logistic and hinge, balanced at alpha 0.1 / 0.5 / 1.0 x seeds.
+Tables (``--table``, default all), each written to ``<out>/<table>/``:
+- ``ablation``: six losses x {difference, balanced at alpha 0.3}, the chosen-NLL control, alpha
+  in {0.1, 0.5, 1.0} for logistic and hinge (``+experiment=ablation``, ``ablation_control``,
+  ``ablation_alpha``);
+- ``methods``: every named method from the same SFT model (``+experiment=methods``), the paper's
+  rows first with its numbers, paired differences against DPO;
+- ``scale``: DPO vs BPO at three sizes of the tiny model, each from its own SFT model
+  (``+experiment=scale``), paired gains;
+- ``hypothesis``: the ablation's balanced cells under plain SGD (``+experiment=hypothesis``)
+  beside the same cells under AdamW, with the margin and gradient-weight diagnostics.
+Every table also reports its cells' convergence (accuracy against step from periodic evaluation,
+steps to SFT + 10 points) and each run's cost split (startup, reference pass, training,
+evaluation) from results.json's ``timings``.
 
-Jobs run in parallel with Hydra's joblib launcher, ``--jobs`` at a time with
-``cores // jobs`` torch threads each, so they never oversubscribe the cores. A sweep whose jobs
-fail does not stop the others; failed cells are marked in the table and the exit status is 1.
-The report (``ablation.md``, ``ablation.csv``, PNGs) and ``provenance.json`` (command, machine,
-versions, date, timings) are written to ``--out``; each file atomically.
+Runs are never repeated: a cell one sweep already runs (the methods table's dpo, slic and bpo are
+the ablation's logistic x difference, hinge x difference and hinge x balanced runs) is dropped from
+the other sweeps' grids when both run (``Sweep.covered_by``), and the tables pool runs by objective.
+The task's SFT models and pairs are built first, one process per model size, so parallel jobs only
+read the cache. Jobs run with Hydra's joblib launcher, ``--jobs`` at a time with ``cores // jobs``
+torch threads each. A failing job does not stop the others; its cell is marked in the table and
+the exit status is 1. Each table's directory gets ``provenance.json`` (commands, machine,
+versions, date, code revision, timings).
 """
 
 from __future__ import annotations
@@ -31,7 +44,6 @@ from typing import Any
 
 from engine.fileio import atomic_write_json, atomic_write_text
 
-SWEEPS = ("ablation", "ablation_control", "ablation_alpha")
 PACKAGES = ("torch", "deepspeed", "transformers", "hydra-core", "numpy", "matplotlib")
 
 
@@ -129,89 +141,146 @@ def _provenance_markdown(p: dict[str, Any]) -> str:
         f"- Versions: {versions}",
         f"- Parallelism: {p['jobs']} jobs x {p['threads_per_job']} torch thread(s)",
         f"- Wall time: {timings}",
-        f"- Sweep exit statuses: {p['exit_statuses']}",
-        "- Sweeps:",
+        f"- Exit statuses: {p['exit_statuses']}",
+        *[f"- Note: {n}" for n in p.get("plan_notes", [])],
+        "- Commands:",
         *[f"  - `{c}`" for c in p["sweep_commands"]],
     ]
     return "\n".join(lines) + "\n"
 
 
+def task_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that describe the task (for ``prepare_task``): sweeps over a key
+    (``method=dpo,bpo``) choose cells, not the task, and one process cannot take them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o for o, p in zip(overrides, parsed, strict=True) if not p.is_sweep_override()]
+
+
+def _run(cmd: list[str], dry_run: bool) -> tuple[int, float]:
+    """Run ``cmd`` (printed first); its exit status and wall seconds (0, 0 on a dry run)."""
+    print("$", shlex.join(cmd), flush=True)
+    if dry_run:
+        return 0, 0.0
+    t0 = time.time()
+    status = subprocess.call(cmd)
+    return status, round(time.time() - t0, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweeps and write the report; returns the exit status."""
+    """Run the tables' sweeps and write their reports; returns the exit status."""
+    from experiments.tables.plan import TABLE_SWEEPS, plan, task_models
+
     parser = argparse.ArgumentParser(
         prog="python -m experiments.reproduce", description=__doc__.split("\n")[0]
     )
     cores = os.cpu_count() or 1
     parser.add_argument("--jobs", type=int, default=cores, help=f"parallel jobs (default {cores})")
-    parser.add_argument("--out", default="experiments/results/ablation", help="report directory")
+    parser.add_argument("--out", default="experiments/results", help="reports: <out>/<table>/")
     parser.add_argument("--sweep-root", default="multirun/reproduce", help="where the runs go")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3)")
-    parser.add_argument("--only", default=",".join(SWEEPS), help="comma-separated sweeps to run")
+    parser.add_argument(
+        "--table",
+        default=",".join(TABLE_SWEEPS),
+        help=f"comma-separated tables (default all: {','.join(TABLE_SWEEPS)})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the commands, run nothing, write nothing"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    unknown = set(args.only.split(",")) - set(SWEEPS)
-    if unknown:
-        parser.error(f"--only: unknown sweeps {sorted(unknown)}; known: {', '.join(SWEEPS)}")
+    tables = [t for t in args.table.split(",") if t]
+    unknown = sorted(set(tables) - set(TABLE_SWEEPS))
+    if unknown or not tables:
+        parser.error(f"--table: unknown tables {unknown}; known: {', '.join(TABLE_SWEEPS)}")
     threads = max(1, cores // args.jobs)
     root = Path(args.sweep_root)
-    if root.exists() and any(root.iterdir()):
+    if not args.dry_run and root.exists() and any(root.iterdir()):
         parser.error(
             f"--sweep-root {root} is not empty: move it away or pick another (runs are never "
             "overwritten)"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    planned, notes = plan(tables)
+    for note in notes:
+        print(f"[plan] {note}", flush=True)
+    seeds = len(args.seeds.split(","))
+    for p in planned:
+        print(
+            f"[plan] {p.name}: {p.cells // len(p.grid.get('seed', [''])) * seeds} runs", flush=True
+        )
 
     started = time.time()
     revision = git_revision()  # before the runs: the code they ran
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    # the task's SFT model and pairs first, in one process: parallel jobs then only read the cache
-    warm = [sys.executable, "-m", "experiments.prepare_task", *args.overrides]
-    print("$", shlex.join(warm), flush=True)
-    t0 = time.time()
-    prepare_status = subprocess.call(warm)
-    timings: dict[str, Any] = {"prepare_task_s": round(time.time() - t0, 1)}
-    statuses = {"prepare_task": prepare_status}
-    commands = [shlex.join(warm)]
-    if prepare_status != 0:
-        print("error: building the task failed; no sweep was run", file=sys.stderr)
-        return 1
-    for name in args.only.split(","):
-        cmd = sweep_command(name, root / name, args.jobs, threads, args.seeds, args.overrides)
+    commands: list[str] = []
+    statuses: dict[str, int] = {}
+    timings: dict[str, float] = {}
+    # the task's SFT model and pairs per model size first, one process each: jobs only read them
+    for model in task_models(planned):
+        warm = [sys.executable, "-m", "experiments.prepare_task", f"model={model}"]
+        warm += task_overrides(args.overrides)
+        commands.append(shlex.join(warm))
+        statuses[f"prepare_task {model}"], timings[f"prepare_task {model}_s"] = _run(
+            warm, args.dry_run
+        )
+        if statuses[f"prepare_task {model}"] != 0:
+            print(
+                f"error: building the task for model={model} failed; no sweep run", file=sys.stderr
+            )
+            return 1
+    for p in planned:
+        cmd = sweep_command(
+            p.sweep.preset,
+            root / p.sweep.directory,
+            args.jobs,
+            threads,
+            args.seeds,
+            [*p.overrides, *args.overrides],
+        )
         commands.append(shlex.join(cmd))
-        print("$", commands[-1], flush=True)
-        t0 = time.time()
-        statuses[name] = subprocess.call(cmd)
-        timings[f"{name}_s"] = round(time.time() - t0, 1)
-        if statuses[name] != 0:
-            print(f"warning: sweep {name} exited with {statuses[name]}", file=sys.stderr)
+        statuses[p.name], timings[f"{p.name}_s"] = _run(cmd, args.dry_run)
+        if statuses[p.name] != 0:
+            print(f"warning: sweep {p.name} exited with {statuses[p.name]}", file=sys.stderr)
+    if args.dry_run:
+        return 0
 
-    from experiments.ablation import AblationError, write_report
+    from experiments.ablation import AblationError
+    from experiments.tables.report import write_table
 
-    try:
-        md = write_report(root, out)
-    except AblationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    timings["total_s"] = round(time.time() - started, 1)
-    provenance = {
-        "command": "python -m experiments.reproduce " + shlex.join(argv or sys.argv[1:]),
-        "sweep_commands": commands,
-        "exit_statuses": statuses,
-        "git_revision": revision,
-        "jobs": args.jobs,
-        "threads_per_job": threads,
-        "date_utc": date,
-        "timings": timings,
-        "machine": machine_info(),
-    }
-    atomic_write_json(out / "provenance.json", provenance, sort_keys=False)
-    atomic_write_text(md, md.read_text(encoding="utf-8") + _provenance_markdown(provenance))
-    print(md.read_text(encoding="utf-8"))
-    print(f"wrote {out} in {timings['total_s']:.0f} s", file=sys.stderr)
-    return 0 if all(s == 0 for s in statuses.values()) else 1
+    failed = False
+    for table in tables:
+        out = Path(args.out) / table
+        try:
+            md = write_table(table, root, out)
+        except AblationError as error:
+            print(f"error: table {table}: {error}", file=sys.stderr)
+            failed = True
+            continue
+        own = {s for s in TABLE_SWEEPS[table]}
+        provenance = {
+            "command": "python -m experiments.reproduce " + shlex.join(argv or sys.argv[1:]),
+            "table": table,
+            "sweep_commands": commands,
+            "exit_statuses": statuses,
+            "plan_notes": notes,
+            "git_revision": revision,
+            "jobs": args.jobs,
+            "threads_per_job": threads,
+            "date_utc": date,
+            "timings": {
+                k: v for k, v in timings.items() if k.startswith("prepare_task") or k[:-2] in own
+            }
+            | {"total_s": round(time.time() - started, 1)},
+            "machine": machine_info(),
+        }
+        atomic_write_json(out / "provenance.json", provenance, sort_keys=False)
+        atomic_write_text(md, md.read_text(encoding="utf-8") + _provenance_markdown(provenance))
+        print(f"wrote {out}", file=sys.stderr)
+    print(f"done in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0 if not failed and all(s == 0 for s in statuses.values()) else 1
 
 
 if __name__ == "__main__":

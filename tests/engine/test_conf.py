@@ -167,6 +167,22 @@ def test_deepspeed_config_follows_the_trainer(compose_config):
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
 
 
+def test_sgd_optimizer_keeps_the_gradient_scale(compose_config):
+    cfg = compose_config(["trainer.optimizer=sgd", "trainer.momentum=0.5", "trainer.lr=0.25"])
+    validate_config(cfg)
+    ds = build_deepspeed_config(cfg, model_dtype=torch.float32, world_size=1)
+    assert ds["optimizer"] == {
+        "type": "SGD",
+        "params": {"lr": 0.25, "momentum": 0.5, "weight_decay": 0.0},
+    }
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert DeepSpeedConfig(ds).optimizer_name == "SGD"  # DeepSpeed takes torch.optim.SGD
+    assert compose_config([])["trainer"]["optimizer"] == "adamw"
+    with pytest.raises(ConfigError, match=r"trainer\.optimizer.*adamw, sgd.*'lion'"):
+        validate_config(compose_config(["trainer.optimizer=lion"]))
+
+
 def test_user_values_reach_the_objective(compose_config):
     cfg = compose_config(["loss=hinge", "margin=balanced", "margin.alpha=0.3", "beta=0.5"])
     objective = build_objective(cfg)
