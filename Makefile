@@ -44,7 +44,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 train: $(STAMP)  ## the main job: BPO (hinge x balanced) on the embedded math task (ARGS= for overrides)
 	$(BIN)/python -m engine.train loss=hinge margin=balanced $(ARGS)
 
-reproduce: $(STAMP)  ## the miniature ablation (36+3+18 runs, parallel) -> experiments/results/ablation/
+reproduce: $(STAMP)  ## the paper's tables in miniature (ablation, methods, scale, hypothesis; ARGS="--table methods" for one) -> experiments/results/<table>/
 	$(BIN)/python -m experiments.reproduce $(ARGS)
 
 bench: $(STAMP)  ## ours vs TRL's DPOTrainer + speed switches on/off (~10-15 min) -> experiments/results/bench.md
