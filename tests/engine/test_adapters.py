@@ -375,3 +375,53 @@ def test_final_model_is_the_adapter_merged_into_the_unquantized_base(trained):
     torch.testing.assert_close(scored(merged, inputs), expected, rtol=MERGE_RTOL, atol=0)
     untrained = scored(load_model(cfg.model, tokenizer, seed=0), inputs)
     assert not torch.allclose(expected, untrained, rtol=1e-4)  # the merge changed the model
+
+
+# ---- known traps under ZeRO-3, and every objective ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_bf16_base_under_zero3_keeps_the_adapters_in_bf16():
+    """TRL #6089: peft upcasts adapters to float32 on a bf16 base, and a bf16 ZeRO-3 engine then
+    fails at its first step. Ours stay in the model's dtype (DeepSpeed keeps fp32 masters)."""
+    cfg = lora_config("deepspeed=zero3", "model.dtype=bfloat16")
+    tokenizer = load_tokenizer(cfg.model)
+    engine, model = deepspeed_policy(cfg, tokenizer)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    losses = preference_steps(engine, model, cfg, plain_inputs(tokenizer))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] != losses[0]
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_with_adapters_under_zero3_matches_zero0():
+    """TRL #2514: PEFT + gradient checkpointing under ZeRO-3. Non-reentrant checkpointing needs no
+    input gradients; the losses must equal plain ZeRO-0's to float rounding."""
+    runs = {}
+    for stage, checkpointing in (("zero0", "false"), ("zero3", "true")):
+        cfg = lora_config(f"deepspeed={stage}", f"model.gradient_checkpointing={checkpointing}")
+        tokenizer = load_tokenizer(cfg.model)
+        engine, model = deepspeed_policy(cfg, tokenizer)
+        runs[stage] = preference_steps(engine, model, cfg, plain_inputs(tokenizer), steps=3)
+    assert runs["zero0"][2] != runs["zero0"][0]  # it trained
+    assert runs["zero3"] == pytest.approx(runs["zero0"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_every_loss_and_margin_trains_adapters_for_two_steps():
+    from losses import LOSSES, MARGINS
+
+    cfg = lora_config("deepspeed=zero0")
+    tokenizer = load_tokenizer(cfg.model)
+    inputs = plain_inputs(tokenizer)
+    for loss in sorted(LOSSES):
+        for margin in sorted(MARGINS):
+            cell = OmegaConf.merge(
+                cfg, {"loss": {"name": loss}, "margin": {"name": margin, "alpha": 0.5}}
+            )
+            engine, model = deepspeed_policy(cell, tokenizer)
+            losses = preference_steps(engine, model, cell, inputs)
+            assert all(torch.isfinite(torch.tensor(losses))), (loss, margin, losses)
+            moved = [
+                n for n, p in model.named_parameters() if ".lora_B." in n and torch.count_nonzero(p)
+            ]
+            assert moved, f"{loss} x {margin}: the adapters did not move"
