@@ -425,3 +425,62 @@ def test_every_loss_and_margin_trains_adapters_for_two_steps():
                 n for n, p in model.named_parameters() if ".lora_B." in n and torch.count_nonzero(p)
             ]
             assert moved, f"{loss} x {margin}: the adapters did not move"
+
+
+# ---- resume: checkpoints hold the adapters, and resuming is exact ------------------------------
+
+
+def resumed_equals_uninterrupted(cfg, tmp_path: Path, save) -> None:
+    """Two steps, a checkpoint (``save(engine, dir)``), two more steps; a fresh policy loads the
+    checkpoint and takes the same two steps: the losses must be the same bits."""
+    from engine.checkpoint import load_checkpoint
+
+    tokenizer = load_tokenizer(cfg.model)
+    inputs = plain_inputs(tokenizer)
+    engine, model = deepspeed_policy(cfg, tokenizer)
+    preference_steps(engine, model, cfg, inputs)
+    save(engine, tmp_path)
+    uninterrupted = preference_steps(engine, model, cfg, inputs)
+    fresh, fresh_model = deepspeed_policy(cfg, tokenizer, seed=0)
+    load_checkpoint(fresh, tmp_path, 2)
+    resumed = preference_steps(fresh, fresh_model, cfg, inputs)
+    assert resumed == uninterrupted
+    # and the checkpoint mattered: fresh adapters take other steps
+    assert uninterrupted[0] != preference_steps(*deepspeed_policy(cfg, tokenizer), cfg, inputs)[0]
+
+
+def engine_save(engine, directory: Path) -> None:
+    from engine.checkpoint import save_checkpoint
+
+    save_checkpoint(engine, directory, 2, {"step": 2}, keep=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "quantization"), [("zero0", None), ("zero3", None), ("zero0", "4bit")]
+)
+def test_resume_with_adapters_is_exact(tmp_path, stage, quantization):
+    cfg = lora_config(f"deepspeed={stage}", f"model.quantization={quantization or 'null'}")
+    resumed_equals_uninterrupted(cfg, tmp_path, engine_save)
+    # the checkpoint holds the adapters, not the base
+    states = next(tmp_path.glob("step_2/*model_states.pt"))
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and all(".lora_" in k for k in module), sorted(module)[:5]
+
+
+@pytest.mark.slow
+def test_qlora_resume_under_zero2_needs_frozen_parameters_excluded(tmp_path):
+    """ZeRO-1/2 also save frozen parameters' data beside the module state: a 4-bit weight that
+    bitsandbytes' CPU kernels have repacked no longer fits a fresh model's shape. Saved with
+    ``exclude_frozen_parameters=True`` (what engine/checkpoint.py should pass), resume is exact."""
+
+    def save_without_frozen(engine, directory: Path) -> None:
+        from engine.checkpoint import COMPLETE
+
+        engine.save_checkpoint(
+            str(directory), tag="step_2", save_latest=False, exclude_frozen_parameters=True
+        )
+        (directory / "step_2" / COMPLETE).write_text("2\n")
+
+    cfg = lora_config("deepspeed=zero2", "model.quantization=4bit")
+    resumed_equals_uninterrupted(cfg, tmp_path, save_without_frozen)
