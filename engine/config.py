@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from engine.data import ON_BAD_ROW
+from engine.packing import BLOCK_ATTENTION
 from losses import PreferenceLoss
 
 #: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
@@ -29,9 +31,7 @@ _TRAINER_SWITCHES = (
     "tensorboard",
     "export",
 )
-_BLOCK_ATTENTION = ("segments", "mask", "position_ids")
 _SCHEDULES = ("constant", "linear", "cosine")
-_BAD_ROW_MODES = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -103,9 +103,9 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_switches(cfg)
     data = cfg.data
     _require(
-        data.get("on_bad_row") in _BAD_ROW_MODES,
+        data.get("on_bad_row") in ON_BAD_ROW,
         "data.on_bad_row",
-        f"must be one of {', '.join(_BAD_ROW_MODES)}, got {data.get('on_bad_row')!r}",
+        f"must be one of {', '.join(ON_BAD_ROW)}, got {data.get('on_bad_row')!r}",
     )
     max_length = data.get("max_length")
     _require(
@@ -134,9 +134,9 @@ def _validate_switches(cfg: DictConfig) -> None:
         )
     block = trainer.get("block_attention")
     _require(
-        block is None or block in _BLOCK_ATTENTION,
+        block is None or block in BLOCK_ATTENTION,
         "trainer.block_attention",
-        f"must be one of {', '.join(_BLOCK_ATTENTION)}, got {block!r}",
+        f"must be one of {', '.join(BLOCK_ATTENTION)}, got {block!r}",
     )
     keep = trainer.get("logit_keep_mb")
     _require(

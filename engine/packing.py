@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from engine.pair_batch import PairBatch
+
 if TYPE_CHECKING:
-    from engine.batching import PairBatch
     from engine.data import TokenizedPair
 
 BLOCK_ATTENTION = ("segments", "mask", "position_ids")
@@ -163,9 +164,7 @@ def _units(pairs: Sequence[TokenizedPair], layout: PairLayout) -> list[_Unit]:
 def collate_layout(
     pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, layout: PairLayout
 ) -> PairBatch:
-    """A :class:`~engine.batching.PairBatch` of ``pairs`` in ``layout`` (any but the plain one)."""
-    from engine.batching import PairBatch
-
+    """A :class:`~engine.pair_batch.PairBatch` of ``pairs`` in ``layout`` (any but plain)."""
     units = _units(pairs, layout)
     if layout.padding_free:
         rows = [units]

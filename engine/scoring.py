@@ -8,7 +8,7 @@ ZeRO-3's per-layer gathers line up) and the shares are gathered, so every rank e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -19,7 +19,13 @@ from engine.data import TokenizedPair
 
 @dataclass(frozen=True)
 class PairScores:
-    """Per-pair summed response log-probs and response token counts, (N,) each."""
+    """Per-pair summed response log-probs and response token counts, (N,) each.
+
+    The policy's scores of a micro batch (with gradients) and a reference's scores (detached)
+    have this one shape; :func:`engine.objective.objective_output` turns two of them into the
+    objective's inputs. A new per-response input (an optional field, None when absent) is indexed
+    by :meth:`index` with the others.
+    """
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
@@ -29,11 +35,25 @@ class PairScores:
     def index(self, indices: torch.Tensor) -> PairScores:
         """The scores of the pairs at ``indices``."""
         return PairScores(
-            self.chosen_logps[indices],
-            self.rejected_logps[indices],
-            self.chosen_counts[indices],
-            self.rejected_counts[indices],
+            *(
+                None if value is None else value[indices]
+                for value in (getattr(self, f.name) for f in fields(self))
+            )
         )
+
+    @classmethod
+    def split(cls, logps: torch.Tensor, counts: torch.Tensor) -> PairScores:
+        """The scores of a forward pass over a :class:`PairBatch` of B pairs: its 2B sequence
+        log-probs and counts, chosen first."""
+        n = logps.shape[0] // 2
+        return cls(logps[:n], logps[n:], counts[:n], counts[n:])
+
+    @classmethod
+    def zeros(cls, num_pairs: int) -> PairScores:
+        """Zero log-probs with counts of 1: the reference of a reference-free objective."""
+        zeros = torch.zeros(num_pairs)
+        ones = torch.ones(num_pairs, dtype=torch.long)
+        return cls(zeros, zeros.clone(), ones, ones.clone())
 
 
 ForwardFn = Callable[[PairBatch], tuple[torch.Tensor, torch.Tensor]]

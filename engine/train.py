@@ -1,14 +1,15 @@
 """Preference training on DeepSpeed: ``python -m engine.train [hydra overrides]``.
 
-``train(cfg)`` is a plain function (tests call it); ``main`` is the Hydra wrapper. The loop is one
-flat function around ``deepspeed.initialize`` / ``engine.backward`` / ``engine.step``: the objective
-(a :class:`losses.PreferenceLoss`) is a value it calls, never a branch it takes.
+``train(cfg)`` is a plain function (tests call it); ``main`` is the Hydra wrapper. ``train`` is a
+flat sequence of phases, one call each: setup, data (:mod:`engine.sources`), model, reference
+(:mod:`engine.reference`), DeepSpeed, resume and run state (:mod:`engine.run_state`), the loop
+(:mod:`engine.loop`: ``deepspeed``'s ``backward`` / ``step`` around one objective call,
+:mod:`engine.objective`), export, results. The objective (a :class:`losses.PreferenceLoss`) is a
+value the loop calls, never a branch it takes.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import os
@@ -22,61 +23,107 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as dist_utils
-from engine.batching import PairBatch, collate_pairs, step_sampler
-from engine.checkpoint import (
-    export_hf_model,
-    latest_complete_step,
-    load_checkpoint,
-    save_checkpoint,
-)
+from engine import run_state
+from engine.batching import StepSampler, step_sampler
+from engine.checkpoint import export_hf_model
 from engine.config import build_deepspeed_config, build_objective, validate_config
-from engine.data import TokenizedPair, load_pairs
-from engine.fileio import atomic_open, atomic_write_json
+from engine.fileio import atomic_write_json
 from engine.logprobs import SequenceLogProbs
-from engine.modeling import load_model, load_tokenizer
+from engine.loop import LoopParts, run_loop
+from engine.modeling import load_model
 from engine.packing import PairLayout
-from engine.scoring import PairScores, score_pairs
+from engine.reference import make_reference
+from engine.run_state import RunState, find_resume_step
+from engine.sources import PreparedData, prepare_data
 from engine.tracking import MetricsLogger
+from losses import PreferenceLoss
 
 log = logging.getLogger("engine.train")
 
-# Sums accumulated between log steps, in this order (one tensor: one all-reduce per log step).
-_SUMS = (
-    "pairs",
-    "loss",
-    "chosen_reward",
-    "rejected_reward",
-    "reward_accuracy",
-    "margin",
-    "chosen_logp",
-    "rejected_logp",
-    "chosen_reward_below_zero",
-)
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
+    started = time.time()
+    # setup: checks, the objective, the process group, the run directory, seeds, the device
+    objective, run_dir, device = _setup(cfg)
+    # data: the data source resolves to a model config, tokenizer, pairs and evaluators
+    data = prepare_data(cfg)
+    # model: the policy, as a module that scores the sequences of a pair batch
+    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
+    policy = SequenceLogProbs(
+        model,
+        chunk_size=int(cfg.trainer.logit_chunk_size),
+        keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
+        chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
+    )
+    # order: which pairs each rank sees at each step, and how many steps
+    sampler = step_sampler(data.train_pairs, cfg.trainer, dist_utils.world_size(), int(cfg.seed))
+    total_steps = _total_steps(cfg.trainer, sampler)
+    # reference: chosen now, before DeepSpeed wraps the policy (a live reference copies it)
+    reference = make_reference(cfg, objective.requirements.needs_reference, model, data, device)
+    # DeepSpeed: the engine, its optimizer and the learning-rate schedule
+    engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
+    # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
+    # engine.run_state.find_resume_step
+    checkpoint_dir = run_dir / "checkpoints"
+    resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
+    # reference scores, once before any update (read back from the run directory on resume)
+    reference.prepare(engine, run_dir, resume=resume_step is not None)
+    # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
+    state = run_state.restore(engine, checkpoint_dir, resume_step)
+    logger = (
+        MetricsLogger(run_dir, resume_step=resume_step, tensorboard=bool(cfg.trainer.tensorboard))
+        if dist_utils.is_main()
+        else None
+    )
+    # loop: forward, loss, backward, step, log, eval, checkpoint
+    parts = LoopParts(
+        trainer=cfg.trainer,
+        engine=engine,
+        scheduler=scheduler,
+        model=model,
+        objective=objective,
+        reference=reference,
+        data=data,
+        sampler=sampler,
+        layout=PairLayout.from_config(cfg.trainer),
+        device=device,
+        total_steps=total_steps,
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
+    )
+    run_loop(parts, state)
+    # export: the final model in Hugging Face format
+    if cfg.trainer.get("export", True):
+        export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
+    # results: results.json (rank 0) and the closing console line
+    results = _results(cfg, data, state, total_steps, started)
+    if logger is not None:
+        logger.close()
+        atomic_write_json(run_dir / "results.json", results)
+        log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
+    dist_utils.barrier()
+    return results
 
 
-def _pair_stats(
-    out: Any, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor
-) -> torch.Tensor:
-    """Per-batch sums of the DCR metrics (see _SUMS), detached, float64."""
-    chosen, rejected = out.chosen_rewards, out.rejected_rewards
-    return torch.stack(
-        [
-            torch.tensor(float(chosen.numel())),
-            out.losses.detach().sum().cpu(),
-            chosen.sum().cpu(),
-            rejected.sum().cpu(),
-            (chosen > rejected).float().sum().cpu(),
-            out.margins.sum().cpu(),
-            policy_chosen.detach().sum().cpu(),
-            policy_rejected.detach().sum().cpu(),
-            (chosen < 0).float().sum().cpu(),
-        ]
-    ).double()
-
-
-def _means(sums: torch.Tensor, prefix: str) -> dict[str, float]:
-    n = max(float(sums[0]), 1.0)
-    return {f"{prefix}/{name}": float(sums[i]) / n for i, name in enumerate(_SUMS) if i > 0}
+def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
+    """Check the config and build the objective (before anything is created), then start the
+    process group, make the run directory with its config.yaml, seed, and pick the device."""
+    validate_config(cfg)
+    objective = build_objective(cfg)
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    dist_utils.init_distributed()
+    run_dir = _resolve_run_dir(cfg)
+    if dist_utils.is_main():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(int(cfg.seed))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return objective, run_dir, device
 
 
 def _resolve_run_dir(cfg: DictConfig) -> Path:
@@ -98,312 +145,37 @@ def _resolve_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def _objective_inputs(
-    logps: torch.Tensor, counts: torch.Tensor, length_normalized: bool
-) -> torch.Tensor:
-    return logps / counts.clamp(min=1) if length_normalized else logps
+def _total_steps(trainer: DictConfig, sampler: StepSampler) -> int:
+    """``trainer.max_steps``, else ``trainer.epochs`` epochs of the sampler's order."""
+    if trainer.get("max_steps"):
+        return int(trainer.max_steps)
+    return int(trainer.epochs) * sampler.steps_per_epoch
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
-    started = time.time()
-    validate_config(cfg)
-    objective = build_objective(cfg)
-    needs = objective.requirements
-    trainer = cfg.trainer
-    if trainer.get("threads"):
-        torch.set_num_threads(int(trainer.threads))
-
-    dist_utils.init_distributed()
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    run_dir = _resolve_run_dir(cfg)
-    if dist_utils.is_main():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(int(cfg.seed))
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-    # ---- data and model ------------------------------------------------------------------------
-    task = None
-    model_cfg = cfg.model
-    data_cfg = cfg.data
-    if data_cfg.kind == "math":  # the embedded task: builds (or reuses) its SFT model and pairs
-        from engine.task.pipeline import prepare_math_task
-
-        task = prepare_math_task(cfg)
-        made = json.loads((task.root / "summary.json").read_text())["pairs"]
-        if not made["train"]["pairs"]:
-            raise RuntimeError(
-                f"the math task cached in {task.root} has no train pairs: no prompt had both a "
-                "correct and a wrong answer among its samples (SFT held-out accuracy "
-                f"{task.sft_summary['accuracy']:.3f}, in band: {task.sft_summary['in_band']}); "
-                "change data.sft.* / data.problems.* so the SFT model lands in "
-                "data.sft.accuracy_band, or raise data.problems.pair_prompts"
-            )
-        model_cfg = OmegaConf.merge(model_cfg, {"name_or_path": str(task.model_dir)})
-        data_cfg = OmegaConf.merge(
-            data_cfg, {"train": str(task.train_file), "eval": str(task.eval_file)}
-        )
-    tokenizer = load_tokenizer(model_cfg)
-    pair_options = {
-        "max_length": int(data_cfg.max_length),
-        "max_prompt_length": data_cfg.get("max_prompt_length"),
-        "on_bad_row": data_cfg.on_bad_row,
-    }
-    train_pairs, train_report = load_pairs(
-        data_cfg.train, tokenizer, split=data_cfg.split, limit=data_cfg.get("limit"), **pair_options
-    )
-    eval_pairs: list[TokenizedPair] = []
-    eval_report = None
-    if data_cfg.get("eval"):
-        eval_pairs, eval_report = load_pairs(
-            data_cfg.eval,
-            tokenizer,
-            split=data_cfg.eval_split,
-            limit=data_cfg.get("eval_limit"),
-            **pair_options,
-        )
-    model = load_model(model_cfg, tokenizer, seed=int(cfg.seed))
-    policy = SequenceLogProbs(
-        model,
-        chunk_size=int(trainer.logit_chunk_size),
-        keep_mb=float(trainer.get("logit_keep_mb", 0)),
-        chunked=bool(trainer.get("chunked_logprobs", True)),
-    )
-    layout = PairLayout.from_config(trainer)  # prefix sharing / padding-free packing
-    sampler = step_sampler(train_pairs, trainer, world, int(cfg.seed))
-    total_steps = (
-        int(trainer.max_steps)
-        if trainer.get("max_steps")
-        else int(trainer.epochs) * sampler.steps_per_epoch
-    )
-
-    reference_cfg = cfg.get("reference") or {}
-    live_reference = None  # reference.precompute=false: a frozen copy scored at every micro step
-    if needs.needs_reference and not reference_cfg.get("precompute", True):
-        if reference_cfg.get("name_or_path"):
-            live_reference, _ = _separate_reference(
-                model_cfg, reference_cfg, tokenizer, trainer, device, int(cfg.seed)
-            )
-        else:  # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
-            live_reference = _frozen_scorer(copy.deepcopy(model).to(device), trainer)
-
-    # ---- DeepSpeed -----------------------------------------------------------------------------
+def _initialize_deepspeed(
+    cfg: DictConfig, model: torch.nn.Module, policy: torch.nn.Module, total_steps: int
+) -> tuple[Any, Any]:
+    """``deepspeed.initialize`` on the policy's trainable parameters; returns the engine and the
+    learning-rate scheduler."""
     import deepspeed
 
     ds_config = build_deepspeed_config(
-        cfg, model_dtype=next(model.parameters()).dtype, world_size=world
+        cfg, model_dtype=next(model.parameters()).dtype, world_size=dist_utils.world_size()
     )
-    optimizer_params = [p for p in policy.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy,
-        model_parameters=optimizer_params,
+        model_parameters=[p for p in policy.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=lambda opt: _lr_schedule(opt, trainer, total_steps),
+        lr_scheduler=lambda opt: _lr_schedule(opt, cfg.trainer, total_steps),
     )
+    return engine, scheduler
 
-    def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return engine(**batch.model_inputs())
 
-    # ---- reference log-probs, once, before any update -------------------------------------------
-    # from the initial policy itself: no second model in memory (trainer.reference=precompute)
-    micro = int(trainer.micro_batch_size)
-    pad_id = int(tokenizer.pad_token_id)
-    ckpt_dir = run_dir / "checkpoints"
-    resume_step = latest_complete_step(ckpt_dir) if trainer.get("resume") == "auto" else None
-    if trainer.get("resume") not in (None, "auto"):
-        raise ValueError(f"trainer.resume must be null or 'auto', got {trainer.resume!r}")
-    reference_scores = eval_reference = None
-    if resume_step is not None and dist_utils.is_main():
-        log.info("resuming from %s", ckpt_dir / f"step_{resume_step}")
-    ref_file = run_dir / "reference_logps.pt"
-    if resume_step is not None and ref_file.is_file():
-        reference_scores, eval_reference = torch.load(ref_file, weights_only=False)
-    else:
-        ref_forward, ref_model = forward, None
-        if reference_cfg.get("name_or_path"):
-            ref_forward, ref_model = _separate_reference(
-                model_cfg, reference_cfg, tokenizer, trainer, device, int(cfg.seed)
-            )
-        if live_reference is not None:  # train references come per batch; eval ones once
-            reference_scores = None
-            eval_reference = (
-                score_pairs(live_reference, eval_pairs, micro, pad_id, device)
-                if eval_pairs
-                else None
-            )
-        elif needs.needs_reference:
-            engine.eval()
-            reference_scores = score_pairs(ref_forward, train_pairs, micro, pad_id, device)
-            eval_reference = (
-                score_pairs(ref_forward, eval_pairs, micro, pad_id, device) if eval_pairs else None
-            )
-            engine.train()
-        else:  # reference-free objectives (simpo) ignore these: skip the scoring pass
-            reference_scores = _zero_scores(train_pairs)
-            eval_reference = _zero_scores(eval_pairs) if eval_pairs else None
-        del ref_forward, ref_model  # a separate reference is needed for this pass only
-        if dist_utils.is_main():  # a resumed run must use the references of the *initial* policy
-            with atomic_open(ref_file, "wb") as handle:
-                torch.save((reference_scores, eval_reference), handle)
-
-    window = torch.zeros(len(_SUMS), dtype=torch.float64)  # sums since the last log step
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    start_step = 0
-    if resume_step is not None:
-        client = load_checkpoint(engine, ckpt_dir, resume_step)
-        start_step = int(client.get("step", resume_step))
-        # the interrupted run's metrics state: the unlogged window's global sums (restored on
-        # rank 0 only, since logging all-reduces them) and the last logged means (for results)
-        if client.get("window") is not None and dist_utils.is_main():
-            window += torch.tensor(client["window"], dtype=torch.float64)
-        last_train = dict(client.get("last_train") or {})
-        last_eval = dict(client.get("last_eval") or {})
-    logger = (
-        MetricsLogger(run_dir, resume_step=resume_step, tensorboard=bool(trainer.tensorboard))
-        if dist_utils.is_main()
-        else None
-    )
-
-    def compute_objective(batch: PairBatch, scores: PairScores | None) -> tuple[Any, torch.Tensor]:
-        logps, counts = forward(batch)
-        n = batch.num_pairs
-        policy_chosen = _objective_inputs(logps[:n], counts[:n], needs.length_normalized)
-        policy_rejected = _objective_inputs(logps[n:], counts[n:], needs.length_normalized)
-        if scores is None:  # a live reference
-            with torch.no_grad():
-                ref_logps, ref_counts = live_reference(batch)
-            ref = PairScores(ref_logps[:n], ref_logps[n:], ref_counts[:n], ref_counts[n:])
-        else:
-            ref = scores.index(batch.indices.cpu())
-        ref_chosen = _objective_inputs(
-            ref.chosen_logps, ref.chosen_counts, needs.length_normalized
-        ).to(device)
-        ref_rejected = _objective_inputs(
-            ref.rejected_logps, ref.rejected_counts, needs.length_normalized
-        ).to(device)
-        chosen_nll = -logps[:n] / counts[:n].clamp(min=1)
-        out = objective(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_chosen_nll=chosen_nll
-        )
-        return out, _pair_stats(out, logps[:n], logps[n:])
-
-    def evaluate() -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if eval_pairs:
-            engine.eval()
-            scores = score_pairs(forward, eval_pairs, micro, pad_id, device)
-            out = objective(
-                _objective_inputs(
-                    scores.chosen_logps, scores.chosen_counts, needs.length_normalized
-                ),
-                _objective_inputs(
-                    scores.rejected_logps, scores.rejected_counts, needs.length_normalized
-                ),
-                _objective_inputs(
-                    eval_reference.chosen_logps,
-                    eval_reference.chosen_counts,
-                    needs.length_normalized,
-                ),
-                _objective_inputs(
-                    eval_reference.rejected_logps,
-                    eval_reference.rejected_counts,
-                    needs.length_normalized,
-                ),
-                policy_chosen_nll=-scores.chosen_logps / scores.chosen_counts.clamp(min=1),
-            )
-            metrics.update(
-                _means(_pair_stats(out, scores.chosen_logps, scores.rejected_logps), "eval")
-            )
-            engine.train()
-        if task is not None:
-            engine.eval()
-            metrics.update(
-                {f"eval/{k}": v for k, v in task.evaluate(model, tokenizer, device).items()}
-            )
-            engine.train()
-        return metrics
-
-    # ---- the loop ------------------------------------------------------------------------------
-    grad_accum = int(trainer.grad_accum)
-    log_every, eval_every, save_every = (
-        int(trainer.log_every),
-        int(trainer.eval_every),
-        int(trainer.save_every),
-    )
-    progress = None
-    if dist_utils.is_main() and trainer.progress_bar:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(
-            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None
-        )
-    kill_at = int(os.environ.get("ENGINE_TEST_SIGKILL_AT_STEP", "-1"))  # test hook: a real SIGKILL
-    window_started = time.time()
-    for step in range(start_step, total_steps):
-        # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
-        for micro_step in range(grad_accum):
-            indices = sampler.indices(step, micro_step, rank)
-            batch = collate_pairs([train_pairs[i] for i in indices], indices, pad_id, layout)
-            batch = batch.to(device)
-            out, stats = compute_objective(batch, reference_scores)
-            engine.backward(out.losses.mean())
-            engine.step()
-            window += stats
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-
-        # log: one all-reduce of the window's sums (a sync point, so only every log_every steps)
-        if done % log_every == 0 or done == total_steps:
-            sums = dist_utils.all_reduce_sum(window.to(device)).cpu()
-            last_train = _means(sums, "train")
-            elapsed = time.time() - window_started
-            last_train["train/lr"] = float(scheduler.get_last_lr()[0])
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                last_train["train/grad_norm"] = float(grad_norm)
-            last_train["train/pairs_per_second"] = float(sums[0]) / max(elapsed, 1e-9)
-            last_train["train/epoch"] = done / sampler.steps_per_epoch
-            if logger is not None:
-                logger.log(done, last_train)
-                if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{last_train['train/loss']:.4f}",
-                        acc=f"{last_train['train/reward_accuracy']:.2f}",
-                    )
-            window.zero_()
-            window_started = time.time()
-
-        # eval, then checkpoint
-        if (eval_every and done % eval_every == 0) or done == total_steps:
-            last_eval = evaluate()
-            if logger is not None and last_eval:
-                logger.log(done, last_eval)
-        if (save_every and done % save_every == 0) or done == total_steps:
-            pending = dist_utils.all_reduce_sum(window.clone().to(device)).cpu()
-            client_state = {
-                "step": done,
-                "window": pending.tolist(),
-                "last_train": last_train,
-                "last_eval": last_eval,
-            }
-            save_checkpoint(
-                engine, ckpt_dir, done, client_state, keep=int(trainer.keep_checkpoints)
-            )
-        if done == kill_at:
-            os.kill(os.getpid(), 9)
-
-    if progress is not None:
-        progress.close()
-    if trainer.get("export", True):
-        export_hf_model(engine, model, tokenizer, run_dir / "final_model")
-
-    # ---- results -------------------------------------------------------------------------------
+def _results(
+    cfg: DictConfig, data: PreparedData, state: RunState, total_steps: int, started: float
+) -> dict[str, Any]:
+    """``results.json``: the objective, the run's size and time, the last logged train and eval
+    means, how the data loaded, and the data source's own sections (the task's ``sft``)."""
     results: dict[str, Any] = {
         "loss": cfg.loss.name,
         "margin": cfg.margin.name,
@@ -412,22 +184,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "alpha": float(cfg.margin.alpha),
         "seed": int(cfg.seed),
         "steps": total_steps,
-        "world_size": world,
+        "world_size": dist_utils.world_size(),
         "wall_seconds": time.time() - started,
-        "train": {k.split("/", 1)[1]: v for k, v in last_train.items()},
-        "eval": {k.split("/", 1)[1]: v for k, v in last_eval.items()},
-        "data": {
-            "train": train_report.to_dict(),
-            "eval": eval_report.to_dict() if eval_report else None,
-        },
+        "train": {k.split("/", 1)[1]: v for k, v in state.last_train.items()},
+        "eval": {k.split("/", 1)[1]: v for k, v in state.last_eval.items()},
+        "data": data.reports(),
     }
-    if task is not None:
-        results["sft"] = task.sft_summary
-    if logger is not None:
-        logger.close()
-        atomic_write_json(run_dir / "results.json", results)
-        log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
-    dist_utils.barrier()
+    results.update(data.extra_results)
     return results
 
 
@@ -443,55 +206,6 @@ def _summary_line(results: dict[str, Any]) -> str:
         if "loss" in metrics:
             parts.append(f"{split} loss {metrics['loss']:.4g}")
     return ", ".join(parts)
-
-
-def _zero_scores(pairs: list[TokenizedPair]) -> PairScores:
-    """Placeholder reference scores for reference-free objectives (counts kept at 1)."""
-    zeros = torch.zeros(len(pairs))
-    ones = torch.ones(len(pairs), dtype=torch.long)
-    return PairScores(zeros, zeros.clone(), ones, ones.clone())
-
-
-def _separate_reference(
-    model_cfg: DictConfig,
-    reference_cfg: Any,
-    tokenizer: Any,
-    trainer: DictConfig,
-    device: torch.device,
-    seed: int,
-) -> tuple[Any, torch.nn.Module]:
-    """A frozen reference model (``reference.name_or_path``) and its scoring function.
-
-    It is scored with the policy's token ids, so it must share the policy's vocabulary.
-    """
-    ref_cfg = OmegaConf.merge(
-        model_cfg, {"name_or_path": str(reference_cfg["name_or_path"]), "tokenizer": None}
-    )
-    ref_tokenizer = load_tokenizer(ref_cfg, key="reference")
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"reference.name_or_path={reference_cfg['name_or_path']!r}: its tokenizer differs from "
-            "the policy's; a reference must score the same token ids"
-        )
-    ref_model = load_model(ref_cfg, tokenizer, seed=seed, key="reference").to(device)
-    return _frozen_scorer(ref_model, trainer), ref_model
-
-
-def _frozen_scorer(model: torch.nn.Module, trainer: DictConfig) -> Any:
-    """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients."""
-    model.eval().requires_grad_(False)
-    scorer = SequenceLogProbs(
-        model,
-        chunk_size=int(trainer.logit_chunk_size),
-        keep_mb=float(trainer.get("logit_keep_mb", 0)),
-        chunked=bool(trainer.get("chunked_logprobs", True)),
-    ).eval()
-
-    @torch.no_grad()
-    def ref_forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return scorer(**batch.model_inputs())
-
-    return ref_forward
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_steps: int) -> Any:

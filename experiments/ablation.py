@@ -27,14 +27,18 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.fileio import atomic_write_text
+from engine.metrics import read_metrics
 from experiments.stats import PairedGain, Summary, paired_gain, summarize
+
+if TYPE_CHECKING:
+    from experiments.plots import PlotData
 
 __all__ = [
     "AblationError",
@@ -46,7 +50,6 @@ __all__ = [
     "build_tables",
     "collect_runs",
     "main",
-    "read_metrics",
     "render_csv",
     "render_markdown",
     "write_report",
@@ -64,29 +67,6 @@ class AblationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- collecting runs
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl file; a line that is not a JSON object (e.g. the truncated last line
-    of a killed run) is skipped with a warning naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                warnings.warn(
-                    f"{path}:{lineno}: skipping a line that is not a JSON object "
-                    "(truncated by a killed run?)",
-                    stacklevel=2,
-                )
-                continue
-            rows.append(row)
-    return rows
 
 
 @dataclass
@@ -611,6 +591,40 @@ def render_csv(tables: Tables) -> str:
 # ----------------------------------------------------------------------------- report and CLI
 
 
+def plot_data(tables: Tables) -> PlotData:
+    """The plots' data for the main table's cells: difference, and balanced at `tables.alpha`."""
+    from experiments.plots import PlotData
+
+    alpha = tables.alpha
+    columns = ["difference", f"balanced (alpha={alpha:g})" if alpha is not None else "balanced"]
+    losses = [r.loss for r in tables.rows]
+    cells: dict[tuple[str, str], list[list[dict]]] = {}
+    for r in tables.runs:
+        if r.status != "finished" or r.method is not None or r.loss not in losses:
+            continue
+        if r.margin == "difference" or (
+            r.margin == "balanced"
+            and r.alpha is not None
+            and alpha is not None
+            and round(r.alpha, 6) == alpha
+        ):
+            col = columns[0] if r.margin == "difference" else columns[1]
+            cells.setdefault((r.loss, col), []).append(r.metrics())
+    summaries = {
+        (r.loss, c): cell.summary
+        for r in tables.rows
+        for c, cell in zip(columns, (r.difference, r.balanced), strict=True)
+    }
+    return PlotData(
+        cells=cells,
+        losses=losses,
+        columns=columns,
+        summaries=summaries,
+        ylabel=tables.metric + (" (%)" if tables.percent else ""),
+        reference=tables.sft,
+    )
+
+
 def write_report(
     sweep_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -629,7 +643,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     from experiments.plots import write_plots  # matplotlib is imported only when plotting
 
-    written = write_plots(tables, out)
+    written = write_plots(plot_data(tables), out)
     atomic_write_text(out / "ablation.csv", render_csv(tables))
     md = out / "ablation.md"
     atomic_write_text(md, render_markdown(tables, sweep, written))

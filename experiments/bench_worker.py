@@ -81,7 +81,7 @@ def compose_ours(overrides: list[str]) -> Any:
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with ``engine.train.train`` and read the step times back from its metrics."""
     import engine.train as train_module
-    from engine.tracking import read_metrics
+    from engine.metrics import read_metrics
 
     reference_seconds = 0.0
     score_pairs = train_module.score_pairs

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,9 +19,6 @@ import numpy as np
 
 from engine.fileio import atomic_open
 from experiments.stats import Summary
-
-if TYPE_CHECKING:
-    from experiments.ablation import Tables
 
 __all__ = [
     "mean_curve",
@@ -202,27 +199,32 @@ def plot_chosen_below_zero(
     return Path(path)
 
 
-def write_plots(tables: Tables, out: Path) -> list[str]:
-    """Write rewards.png, accuracy.png and chosen_below_zero.png (each when its data exists) for
-    the main table's cells (difference, and balanced at `tables.alpha`) into `out`.
+@dataclass(frozen=True)
+class PlotData:
+    """What the report's plots show, as plain data (``experiments.ablation.plot_data`` builds it
+    from a sweep's tables).
 
-    Returns the names of the files written.
+    Attributes:
+        cells: (loss, column) -> per-seed lists of metrics.jsonl rows.
+        losses: the table's rows, in order.
+        columns: the table's columns (difference, balanced at the chosen alpha).
+        summaries: (loss, column) -> the final-metric summary of that cell.
+        ylabel: the accuracy plot's y label.
+        reference: a horizontal reference line (the SFT accuracy), or None.
     """
-    alpha = tables.alpha
-    columns = ["difference", f"balanced (alpha={alpha:g})" if alpha is not None else "balanced"]
-    losses = [r.loss for r in tables.rows]
-    cells: dict[tuple[str, str], list[list[dict]]] = {}
-    for r in tables.runs:
-        if r.status != "finished" or r.method is not None or r.loss not in losses:
-            continue
-        if r.margin == "difference" or (
-            r.margin == "balanced"
-            and r.alpha is not None
-            and alpha is not None
-            and round(r.alpha, 6) == alpha
-        ):
-            col = columns[0] if r.margin == "difference" else columns[1]
-            cells.setdefault((r.loss, col), []).append(r.metrics())
+
+    cells: dict[tuple[str, str], list[list[dict]]]
+    losses: list[str]
+    columns: list[str]
+    summaries: dict[tuple[str, str], Summary | None]
+    ylabel: str
+    reference: float | None = None
+
+
+def write_plots(data: PlotData, out: Path) -> list[str]:
+    """Write rewards.png, accuracy.png and chosen_below_zero.png (each when its data exists)
+    into `out`. Returns the names of the files written."""
+    cells, losses, columns = data.cells, data.losses, data.columns
     written = []
     has = {k for runs in cells.values() for rows in runs for row in rows for k in row}
     if losses and "train/chosen_reward" in has:
@@ -235,18 +237,13 @@ def write_plots(tables: Tables, out: Path) -> list[str]:
         )
         written.append("rewards.png")
     if losses:
-        summaries = {
-            (r.loss, c): cell.summary
-            for r in tables.rows
-            for c, cell in zip(columns, (r.difference, r.balanced), strict=True)
-        }
         plot_accuracy(
-            summaries,
+            data.summaries,
             losses,
             columns,
             out / "accuracy.png",
-            ylabel=tables.metric + (" (%)" if tables.percent else ""),
-            reference=tables.sft,
+            ylabel=data.ylabel,
+            reference=data.reference,
         )
         written.append("accuracy.png")
     if "train/chosen_reward_below_zero" in has:

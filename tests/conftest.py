@@ -1,11 +1,18 @@
-"""Suite-wide fixtures."""
+"""Suite-wide fixtures and the helpers every test shares: composing the project's Hydra config
+(``compose_config``), the overrides of a small training run (``run_overrides``) and reading a
+run's ``metrics.jsonl`` (``metrics_rows``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -21,3 +28,69 @@ def _isolated_rendezvous_env() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> Any:
+    """``conf/config.yaml`` composed with ``overrides`` (Hydra's compose API; ``hydra.*`` kept
+    when ``return_hydra_config``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(
+            "config", overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+
+
+@pytest.fixture(scope="session")
+def compose_config() -> Callable[..., Any]:
+    """``compose_config(overrides=(), return_hydra_config=False)``: the composed config."""
+    return compose
+
+
+def tiny_run_overrides(
+    train: str | Path,
+    eval: str | Path | None,
+    run_dir: Path | None,
+    *,
+    steps: int = 2,
+) -> list[str]:
+    """A ``steps``-step run of the tiny model on the pair files ``train`` / ``eval`` (None: no
+    eval pairs), two pairs per micro batch, every step logged; in ``run_dir`` when given.
+    Later overrides win, so a test appends what it changes."""
+    overrides = [
+        "model=tiny",
+        "data=files",
+        f"data.train={train}",
+        f"data.eval={eval}" if eval is not None else "data.eval=null",
+        f"trainer.max_steps={steps}",
+        "trainer.micro_batch_size=2",
+        "trainer.log_every=1",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+    ]
+    if run_dir is not None:
+        overrides.append(f"output_dir={run_dir}")
+    return overrides
+
+
+@pytest.fixture(scope="session")
+def run_overrides() -> Callable[..., list[str]]:
+    """``run_overrides(train, eval, run_dir, steps=2)``: a small run's overrides."""
+    return tiny_run_overrides
+
+
+def read_run_metrics(run: Path, key: str | None = None) -> list[dict[str, Any]]:
+    """The rows of ``run``'s ``metrics.jsonl`` (``run`` is the run directory or the file), read
+    by the engine's reader; only the rows that have ``key`` when given (e.g. ``train/loss``)."""
+    from engine.metrics import read_metrics
+
+    path = Path(run)
+    rows = read_metrics(path / "metrics.jsonl" if path.is_dir() else path)
+    return [r for r in rows if key is None or key in r]
+
+
+@pytest.fixture(scope="session")
+def metrics_rows() -> Callable[..., list[dict[str, Any]]]:
+    """``metrics_rows(run_dir, key=None)``: a run's metrics rows (those with ``key``)."""
+    return read_run_metrics

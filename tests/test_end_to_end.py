@@ -84,9 +84,8 @@ def _problem(prompt: str):
 
 
 @pytest.mark.slow
-def test_default_run_end_to_end_then_reuses_the_cache(tmp_path: Path) -> None:
+def test_default_run_end_to_end_then_reuses_the_cache(tmp_path: Path, compose_config) -> None:
     import torch
-    from hydra import compose, initialize_config_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.task.arithmetic import verify
@@ -97,8 +96,7 @@ def test_default_run_end_to_end_then_reuses_the_cache(tmp_path: Path) -> None:
     first = _run(tmp_path, tmp_path / "run", cache)
     assert BUILDING in first.stdout + first.stderr
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=OVERRIDES)
+    cfg = compose_config(OVERRIDES)
     entry = cache / "preference-loss-zoo" / f"math-{cache_key(cfg)}"
     assert (entry / COMPLETE).is_file()
     assert not list(entry.parent.glob("*.building-*"))

@@ -78,6 +78,10 @@ class MathTask:
         """Held-out pairs from other prompts (JSONL)."""
         return self.root / "eval_pairs.jsonl"
 
+    def made_train_pairs(self) -> int:
+        """How many train pairs the build made (0: no prompt had a correct and a wrong sample)."""
+        return int(json.loads((self.root / "summary.json").read_text())["pairs"]["train"]["pairs"])
+
     def evaluate(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device | str
     ) -> dict[str, float]:

@@ -24,14 +24,13 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
 
 #: metrics that measure time, not training: excluded from every equality check
 TIMING_KEYS = frozenset({"train/pairs_per_second", "pairs_per_second", "wall_seconds"})
 
 #: variables children must not inherit: those a launcher (or an in-process ``train``, which sets
 #: a world of one) leaves behind, else a plain ``python -m engine.train`` would try to rendezvous
-#: on this process's port; and the SIGKILL test hook, which only the tests that want it pass
+#: on this process's port
 CHILD_ENV_DROP = (
     "RANK",
     "LOCAL_RANK",
@@ -46,7 +45,6 @@ CHILD_ENV_DROP = (
     "SLURM_PROCID",
     "SLURM_LOCALID",
     "SLURM_STEP_NUM_TASKS",
-    "ENGINE_TEST_SIGKILL_AT_STEP",
 )
 
 
@@ -109,54 +107,20 @@ def pair_files(tmp_path_factory) -> SimpleNamespace:
 # ---- configs and in-process runs --------------------------------------------------------------
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False):
-    """``conf/config.yaml`` composed with ``overrides`` (Hydra's compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(
-            "config", overrides=list(overrides), return_hydra_config=return_hydra_config
-        )
-
-
 @pytest.fixture(scope="session")
-def compose_config() -> Callable[..., Any]:
-    return compose
-
-
-def tiny_overrides(
-    pairs: SimpleNamespace, run_dir: Path | None, *, eval: bool = False, steps: int = 2
-) -> list[str]:
-    """A two-step run of the tiny model on ``pairs`` (eval pairs only if ``eval``)."""
-    overrides = [
-        "model=tiny",
-        "data=files",
-        f"data.train={pairs.train}",
-        f"data.eval={pairs.eval}" if eval else "data.eval=null",
-        f"trainer.max_steps={steps}",
-        "trainer.micro_batch_size=2",
-        "trainer.log_every=1",
-        "trainer.progress_bar=false",
-        "trainer.threads=1",
-    ]
-    if run_dir is not None:
-        overrides.append(f"output_dir={run_dir}")
-    return overrides
-
-
-@pytest.fixture(scope="session")
-def base_overrides(pair_files) -> Callable[..., list[str]]:
+def base_overrides(pair_files, run_overrides) -> Callable[..., list[str]]:
     """``base_overrides(run_dir, eval=False, steps=2)``: the tiny-run overrides."""
 
     def make(run_dir: Path | None, *, eval: bool = False, steps: int = 2) -> list[str]:
-        return tiny_overrides(pair_files, run_dir, eval=eval, steps=steps)
+        return run_overrides(
+            pair_files.train, pair_files.eval if eval else None, run_dir, steps=steps
+        )
 
     return make
 
 
 @pytest.fixture(scope="session")
-def train_run(base_overrides) -> Callable[..., tuple[dict[str, Any], Path]]:
+def train_run(base_overrides, compose_config) -> Callable[..., tuple[dict[str, Any], Path]]:
     """``train_run(run_dir, *overrides, eval=False, steps=2)`` composes the tiny run (later
     overrides win) and calls ``engine.train.train`` in this process; returns (results, run_dir)."""
 
@@ -165,7 +129,7 @@ def train_run(base_overrides) -> Callable[..., tuple[dict[str, Any], Path]]:
     ) -> tuple[dict[str, Any], Path]:
         from engine.train import train
 
-        cfg = compose([*base_overrides(run_dir, eval=eval, steps=steps), *overrides])
+        cfg = compose_config([*base_overrides(run_dir, eval=eval, steps=steps), *overrides])
         return train(cfg), Path(run_dir)
 
     return run
@@ -308,8 +272,9 @@ def describe(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="session")
 def cli() -> SimpleNamespace:
-    """``run(overrides, cwd=, nproc=1, env=None, timeout=300)`` and ``describe(proc)``."""
-    return SimpleNamespace(run=run_cli, describe=describe)
+    """``run(overrides, cwd=, nproc=1, env=None, timeout=300)``, ``describe(proc)``, and for
+    tests that manage a child themselves ``env(**extra)`` and ``kill_tree(pid)``."""
+    return SimpleNamespace(run=run_cli, describe=describe, env=child_env, kill_tree=kill_tree)
 
 
 @pytest.fixture(scope="session")

@@ -49,16 +49,13 @@ def without_hydra(cfg):
     return cfg
 
 
-def compose_option(group: str, option: str):
+def compose_option(compose_config, group: str, option: str):
     """The config with ``group=option`` (``+group=option`` for groups not in the defaults), its
     ``???`` values filled with placeholders; the hydra node is kept for ``hydra/...`` groups."""
-    from hydra import compose, initialize_config_dir
-
     hydra_group = group.startswith("hydra/")
 
     def attempt(overrides: list[str]):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=hydra_group)
+        return compose_config(overrides, return_hydra_config=hydra_group)
 
     selection = f"{group}={option}"
     try:
@@ -96,8 +93,8 @@ def test_defaults_compose_and_validate(compose_config):
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_builds(group, option):
-    cfg, selection, _ = compose_option(group, option)
+def test_every_option_composes_and_builds(compose_config, group, option):
+    cfg, selection, _ = compose_option(compose_config, group, option)
     if group.startswith("hydra/"):
         node = OmegaConf.select(cfg, group.replace("/", "."))
         assert node is not None and node.get("_target_"), f"{selection}: no {group} node"

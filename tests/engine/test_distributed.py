@@ -51,10 +51,6 @@ def only_run_dir(cwd: Path) -> Path:
     return run_dir
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, pair_files, cli):
     cwd = tmp_path_factory.mktemp("one_process")
@@ -67,7 +63,9 @@ def one_process(tmp_path_factory, pair_files, cli):
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_processes_match_one(tmp_path, pair_files, cli, metrics_match, one_process, stage):
+def test_two_processes_match_one(
+    tmp_path, pair_files, cli, metrics_rows, metrics_match, one_process, stage
+):
     expected_dir, expected = one_process
     proc = cli.run(overrides(pair_files, 2, stage), cwd=tmp_path, nproc=2)
     assert proc.returncode == 0, cli.describe(proc)
@@ -77,11 +75,11 @@ def test_two_processes_match_one(tmp_path, pair_files, cli, metrics_match, one_p
     assert results["world_size"] == 2
     assert results["steps"] == STEPS
     assert results["data"]["train"]["pairs"] == 16 and results["data"]["eval"]["pairs"] == 5
-    rows = read_metrics(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 2, 3, 3]  # train 1, train + eval 2, train + eval 3
     assert all("train/grad_norm" in r for r in rows if "train/loss" in r)
 
-    metrics_match.rows(rows, read_metrics(expected_dir), rtol=RTOL, atol=ATOL)
+    metrics_match.rows(rows, metrics_rows(expected_dir), rtol=RTOL, atol=ATOL)
     metrics_match.results(results, expected, rtol=RTOL, atol=ATOL)
     assert rows[0]["train/chosen_reward"] == 0.0 and rows[-2]["train/chosen_reward"] != 0.0
 

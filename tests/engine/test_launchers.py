@@ -23,7 +23,7 @@ PAIRS = [
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_deepspeed_launcher_two_processes(tmp_path: Path) -> None:
+def test_deepspeed_launcher_two_processes(tmp_path: Path, metrics_rows) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("the deepspeed launcher script is not installed next to this python")
@@ -66,5 +66,5 @@ def test_deepspeed_launcher_two_processes(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["steps"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]

@@ -22,7 +22,6 @@ from engine.data import TokenizedPair
 from engine.logprobs import SequenceLogProbs, reference_token_logps, token_logps
 from engine.modeling import tiny_llama_config
 from engine.packing import PairLayout, block_mask, ensure_block_attention, pair_length
-from engine.tracking import read_metrics
 from losses import preference_loss
 
 ATOL = 2e-5
@@ -386,12 +385,45 @@ OFF = (
 )
 
 
+@pytest.fixture
+def paths_taken(monkeypatch) -> list[tuple[str, object]]:
+    """Records, while training runs in this process, each training batch's layout and each
+    chunked LM-head call's (chunk size, kept MiB)."""
+    import engine.logprobs
+    import engine.loop
+
+    taken: list[tuple[str, object]] = []
+    real_collate, real_token_logps = engine.loop.collate_pairs, engine.logprobs.token_logps
+
+    def collate(pairs, indices, pad_id, layout=None):
+        batch = real_collate(pairs, indices, pad_id, layout)
+        packed = batch.response_mask is None and batch.attention_blocks is not None
+        taken.append(("batch", ("packed", batch.input_ids.shape[0]) if packed else "plain"))
+        return batch
+
+    def token_logps(hidden, head, targets, chunk_size, keep_mb=0.0):
+        taken.append(("head", (chunk_size, keep_mb)))
+        return real_token_logps(hidden, head, targets, chunk_size, keep_mb)
+
+    monkeypatch.setattr(engine.loop, "collate_pairs", collate)
+    monkeypatch.setattr(engine.logprobs, "token_logps", token_logps)
+    return taken
+
+
 @pytest.mark.slow
-def test_training_with_every_switch_on_matches_every_switch_off(tmp_path, train_run, metrics_match):
+def test_training_with_every_switch_on_matches_every_switch_off(
+    tmp_path, train_run, metrics_rows, metrics_match, paths_taken
+):
     options = ("trainer.tensorboard=false", "trainer.export=false")
     _, on = train_run(tmp_path / "on", *options, "trainer.block_attention=segments", steps=3)
+    # the switches were on: each micro batch one packed, prefix-shared row; the kept-chunk head
+    assert {value for kind, value in paths_taken if kind == "batch"} == {("packed", 1)}
+    assert {value for kind, value in paths_taken if kind == "head"} == {(256, 512.0)}
+    paths_taken.clear()
     _, off = train_run(tmp_path / "off", *options, *OFF, steps=3)
-    rows_on, rows_off = read_metrics(on / "metrics.jsonl"), read_metrics(off / "metrics.jsonl")
+    assert {value for kind, value in paths_taken if kind == "batch"} == {"plain"}
+    assert {value for kind, value in paths_taken if kind == "head"} == {(1024, 0.0)}
+    rows_on, rows_off = metrics_rows(on), metrics_rows(off)
     metrics_match.rows(rows_on, rows_off, rtol=1e-4, atol=1e-5)
     # step 1: the policy is the reference, whatever the layout
     assert rows_on[0]["train/chosen_reward"] == pytest.approx(0.0, abs=1e-6)

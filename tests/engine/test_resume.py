@@ -1,14 +1,19 @@
 """Crash safety: a run killed with a real SIGKILL and resumed with ``trainer.resume=auto`` ends
 exactly where an uninterrupted run ends, and a save that never completed is never resumed from.
 
-The SIGKILL comes from the test hook in engine/train.py: ``ENGINE_TEST_SIGKILL_AT_STEP=k`` makes
-the process kill itself right after step k (and its checkpoint, when step k saves one).
+The SIGKILL comes from outside: the test starts ``python -m engine.train``'s entry point in a
+child whose checkpoint save is wrapped (test code, :data:`_CHILD`) to announce step k's completed
+save on stdout and then wait; the test reads that line and kills the child's process tree. So the
+kill lands exactly after step k's checkpoint, however fast or slow the machine is.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,30 +25,69 @@ STEPS = 6
 RTOL = 1e-6
 
 
-def overrides_for(pair_files, run_dir: Path, *extra: str) -> list[str]:
+def overrides_for(base_overrides, run_dir: Path, *extra: str) -> list[str]:
     """Six steps of two pairs; train rows every 2 steps, eval every 3, a checkpoint every step."""
     return [
-        "model=tiny",
-        "data=files",
-        f"data.train={pair_files.train}",
-        f"data.eval={pair_files.eval}",
-        f"trainer.max_steps={STEPS}",
-        "trainer.micro_batch_size=2",
+        *base_overrides(run_dir, eval=True, steps=STEPS),
         "trainer.log_every=2",
         "trainer.eval_every=3",
         "trainer.save_every=1",
         "trainer.keep_checkpoints=2",
-        "trainer.progress_bar=false",
         "trainer.tensorboard=false",
-        "trainer.threads=1",
-        f"output_dir={run_dir}",
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+#: ``python _child.py <k> <overrides...>``: ``python -m engine.train``, with each checkpoint save
+#: wrapped to print SAVED <step> once it is complete and, at step k, to wait to be killed
+_CHILD = """
+import runpy, sys, time
+import engine.run_state as run_state
+
+kill_at = int(sys.argv.pop(1))
+real_save = run_state.save
+
+def save(engine, checkpoint_dir, state, keep, device):
+    real_save(engine, checkpoint_dir, state, keep, device)
+    print(f"SAVED {state.step}", flush=True)
+    if state.step == kill_at:
+        time.sleep(600)
+
+run_state.save = save
+runpy.run_module("engine.train", run_name="__main__", alter_sys=True)  # python -m engine.train
+"""
+
+
+def run_and_kill(cli, overrides: list[str], kill_at: int, cwd: Path) -> str:
+    """Run training in a child and SIGKILL it from here once step ``kill_at``'s save is complete;
+    returns the child's output."""
+    script = cwd / "_child.py"
+    script.write_text(_CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(kill_at), *overrides],
+        cwd=cwd,
+        env=cli.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(300, cli.kill_tree, [proc.pid])  # never hang the suite
+    watchdog.start()
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.strip() == f"SAVED {kill_at}":
+                cli.kill_tree(proc.pid)
+                break
+        output.append(proc.stdout.read())
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    text = "".join(output)
+    assert proc.returncode == -9, f"return code {proc.returncode}\n{text[-4000:]}"
+    return text
 
 
 def read_results(run_dir: Path) -> dict:
@@ -51,25 +95,23 @@ def read_results(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, pair_files, cli):
+def uninterrupted(tmp_path_factory, base_overrides, cli, metrics_rows):
     """The reference: the same run, never interrupted."""
     root = tmp_path_factory.mktemp("uninterrupted")
     run_dir = root / "run"
-    proc = cli.run(overrides_for(pair_files, run_dir), cwd=root)
+    proc = cli.run(overrides_for(base_overrides, run_dir), cwd=root)
     assert proc.returncode == 0, cli.describe(proc)
-    rows = read_metrics(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["step"] for r in rows] == [2, 3, 4, 6, 6]  # train 2, eval 3, train 4, train+eval 6
     return run_dir
 
 
-def kill_then_resume(tmp_path, pair_files, cli, kill_at: int, before_resume=None) -> Path:
+def kill_then_resume(
+    tmp_path, base_overrides, cli, metrics_rows, kill_at: int, before_resume=None
+) -> Path:
     run_dir = tmp_path / "run"
-    killed = cli.run(
-        overrides_for(pair_files, run_dir),
-        cwd=tmp_path,
-        env={"ENGINE_TEST_SIGKILL_AT_STEP": str(kill_at)},
-    )
-    assert killed.returncode == -9, cli.describe(killed)
+    output = run_and_kill(cli, overrides_for(base_overrides, run_dir), kill_at, tmp_path)
+    assert f"SAVED {kill_at + 1}" not in output
     checkpoints = run_dir / "checkpoints"
     # the kill came after step kill_at's save: `latest` names it, and it is complete
     assert (checkpoints / "latest").read_text().strip() == f"step_{kill_at}"
@@ -77,11 +119,11 @@ def kill_then_resume(tmp_path, pair_files, cli, kill_at: int, before_resume=None
     assert latest_complete_step(checkpoints) == kill_at
     assert not (run_dir / "results.json").exists()
     assert not (run_dir / "final_model").exists()
-    assert max(r["step"] for r in read_metrics(run_dir)) <= kill_at
+    assert max(r["step"] for r in metrics_rows(run_dir)) <= kill_at
     if before_resume is not None:
         before_resume(run_dir)
 
-    resumed = cli.run(overrides_for(pair_files, run_dir, "trainer.resume=auto"), cwd=tmp_path)
+    resumed = cli.run(overrides_for(base_overrides, run_dir, "trainer.resume=auto"), cwd=tmp_path)
     assert resumed.returncode == 0, cli.describe(resumed)
     # proof that it resumed (a fresh start would end with the same metrics too): the engine's log
     log = resumed.stdout + resumed.stderr
@@ -103,10 +145,12 @@ def plant_incomplete_save(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(
-    tmp_path, pair_files, cli, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
 ):
-    run_dir = kill_then_resume(tmp_path, pair_files, cli, 4, before_resume=plant_incomplete_save)
-    metrics_match.rows(read_metrics(run_dir), read_metrics(uninterrupted), rtol=RTOL)
+    run_dir = kill_then_resume(
+        tmp_path, base_overrides, cli, metrics_rows, 4, before_resume=plant_incomplete_save
+    )
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
     metrics_match.results(read_results(run_dir), read_results(uninterrupted), rtol=RTOL)
     assert (run_dir / "final_model" / "model.safetensors").is_file()
     checkpoints = run_dir / "checkpoints"
@@ -119,18 +163,18 @@ def test_sigkill_and_resume_matches_uninterrupted(
 
 @pytest.mark.slow
 def test_resume_between_log_steps_matches_uninterrupted(
-    tmp_path, pair_files, cli, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
 ):
-    run_dir = kill_then_resume(tmp_path, pair_files, cli, 3)  # train rows at 2, 4, 6
-    metrics_match.rows(read_metrics(run_dir), read_metrics(uninterrupted), rtol=RTOL)
+    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, 3)  # train at 2, 4, 6
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
 
 
 @pytest.mark.slow
 def test_resume_after_the_last_save_writes_full_results(
-    tmp_path, pair_files, cli, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
 ):
-    run_dir = kill_then_resume(tmp_path, pair_files, cli, STEPS)
-    metrics_match.rows(read_metrics(run_dir), read_metrics(uninterrupted), rtol=RTOL)
+    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, STEPS)
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
     assert (run_dir / "final_model" / "model.safetensors").is_file()
     metrics_match.results(read_results(run_dir), read_results(uninterrupted), rtol=RTOL)
 
@@ -138,7 +182,9 @@ def test_resume_after_the_last_save_writes_full_results(
 # ---- a crash in the middle of a save (in process) ---------------------------------------------
 
 
-def test_crash_during_save_is_never_resumed_from(tmp_path, train_run, metrics_match, monkeypatch):
+def test_crash_during_save_is_never_resumed_from(
+    tmp_path, train_run, metrics_rows, metrics_match, monkeypatch
+):
     """The process dies after DeepSpeed wrote step 3's files but before its COMPLETE marker."""
     options = ("trainer.save_every=1", "trainer.tensorboard=false", "trainer.keep_checkpoints=5")
     reference, reference_dir = train_run(tmp_path / "reference", *options, eval=True, steps=4)
@@ -165,7 +211,7 @@ def test_crash_during_save_is_never_resumed_from(tmp_path, train_run, metrics_ma
     results, run_dir = train_run(
         tmp_path / "run", *options, "trainer.resume=auto", eval=True, steps=4
     )
-    metrics_match.rows(read_metrics(run_dir), read_metrics(reference_dir), rtol=RTOL)
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(reference_dir), rtol=RTOL)
     metrics_match.results(results, reference, rtol=RTOL)
     assert complete_steps(checkpoints) == [1, 2, 3, 4]
     assert (checkpoints / "latest").read_text().strip() == "step_4"

@@ -42,18 +42,6 @@ EVAL_KEYS = tuple(k.replace("train/", "eval/") for k in DCR_KEYS if k != "train/
 RESULT_TRAIN_KEYS = ("chosen_reward", "rejected_reward", "reward_accuracy", "loss")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if "train/loss" in r]
-
-
-def eval_rows(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if "eval/loss" in r]
-
-
 def assert_finite(values: dict, where: str) -> None:
     bad = {k: v for k, v in values.items() if not (isinstance(v, int | float) and math.isfinite(v))}
     assert not bad, f"{where}: non-finite metrics {bad}"
@@ -63,7 +51,7 @@ def assert_finite(values: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize(("loss", "margin"), CELLS, ids=[f"{l}-{m}" for l, m in CELLS])
-def test_every_cell_trains(tmp_path, train_run, loss, margin):
+def test_every_cell_trains(metrics_rows, tmp_path, train_run, loss, margin):
     results, run_dir = train_run(
         tmp_path / "run",
         f"loss={loss}",
@@ -74,7 +62,7 @@ def test_every_cell_trains(tmp_path, train_run, loss, margin):
     )
     assert (results["loss"], results["margin"], results["steps"]) == (loss, margin, 2)
     assert (results["beta"], results["alpha"]) == (0.1, 0.5)
-    rows = train_rows(run_dir)
+    rows = metrics_rows(run_dir, "train/loss")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert_finite({k: row[k] for k in DCR_KEYS}, f"{loss} x {margin}, step {row['step']}")
@@ -94,14 +82,14 @@ def test_every_cell_trains(tmp_path, train_run, loss, margin):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_trains(tmp_path, train_run, method):
+def test_every_method_trains(metrics_rows, tmp_path, train_run, method):
     results, run_dir = train_run(
         tmp_path / "run", f"method={method}", "trainer.tensorboard=false", "trainer.export=false"
     )
     assert results["method"] == method
     config = OmegaConf.load(run_dir / "config.yaml")
     assert (results["loss"], results["margin"]) == (config.loss.name, config.margin.name)
-    rows = train_rows(run_dir)
+    rows = metrics_rows(run_dir, "train/loss")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert_finite({k: row[k] for k in DCR_KEYS}, f"method={method}, step {row['step']}")
@@ -113,7 +101,7 @@ def test_every_method_trains(tmp_path, train_run, method):
 # ---- (c) the run directory ----------------------------------------------------------------------
 
 
-def test_run_directory_contents(tmp_path, train_run, pair_files):
+def test_run_directory_contents(metrics_rows, tmp_path, train_run, pair_files):
     results, run_dir = train_run(
         tmp_path / "run",
         "beta=0.2",
@@ -124,8 +112,8 @@ def test_run_directory_contents(tmp_path, train_run, pair_files):
         eval=True,
         steps=3,
     )
-    rows = read_metrics(run_dir)
-    trains, evals = train_rows(run_dir), eval_rows(run_dir)
+    rows = metrics_rows(run_dir)
+    trains, evals = metrics_rows(run_dir, "train/loss"), metrics_rows(run_dir, "eval/loss")
     assert len(rows) == len(trains) + len(evals)
 
     # metrics.jsonl: every logged step has the DCR metrics, with values that hang together
@@ -205,10 +193,10 @@ def test_run_directory_contents(tmp_path, train_run, pair_files):
 # ---- (d) determinism ----------------------------------------------------------------------------
 
 
-def test_same_config_gives_identical_metrics(tmp_path, train_run, metrics_match):
+def test_same_config_gives_identical_metrics(metrics_rows, tmp_path, train_run, metrics_match):
     first, run_a = train_run(tmp_path / "a", "trainer.tensorboard=false", eval=True, steps=3)
     second, run_b = train_run(tmp_path / "b", "trainer.tensorboard=false", eval=True, steps=3)
-    metrics_match.rows(read_metrics(run_b), read_metrics(run_a), rtol=0.0)
+    metrics_match.rows(metrics_rows(run_b), metrics_rows(run_a), rtol=0.0)
     metrics_match.results(second, first, rtol=0.0)
 
     from safetensors.torch import load_file
@@ -221,10 +209,12 @@ def test_same_config_gives_identical_metrics(tmp_path, train_run, metrics_match)
     # and the comparison can fail: another seed gives another model and other metrics
     _, run_c = train_run(tmp_path / "c", "seed=1", "trainer.tensorboard=false", steps=3)
     with pytest.raises(AssertionError):
-        metrics_match.rows(train_rows(run_c), train_rows(run_a), rtol=1e-6)
+        metrics_match.rows(
+            metrics_rows(run_c, "train/loss"), metrics_rows(run_a, "train/loss"), rtol=1e-6
+        )
 
 
-def test_grad_accum_matches_a_bigger_micro_batch(tmp_path, train_run, metrics_match):
+def test_grad_accum_matches_a_bigger_micro_batch(metrics_rows, tmp_path, train_run, metrics_match):
     """Two micro steps of two pairs are one optimizer step over the same four pairs."""
     options = ("trainer.tensorboard=false", "trainer.export=false")
     _, big = train_run(tmp_path / "big", "trainer.micro_batch_size=4", *options, eval=True, steps=3)
@@ -236,8 +226,8 @@ def test_grad_accum_matches_a_bigger_micro_batch(tmp_path, train_run, metrics_ma
         eval=True,
         steps=3,
     )
-    metrics_match.rows(read_metrics(accum), read_metrics(big), rtol=1e-5, atol=1e-6)
-    assert train_rows(accum)[-1]["train/epoch"] == pytest.approx(3 * 4 / 16)
+    metrics_match.rows(metrics_rows(accum), metrics_rows(big), rtol=1e-5, atol=1e-6)
+    assert metrics_rows(accum, "train/loss")[-1]["train/epoch"] == pytest.approx(3 * 4 / 16)
 
 
 # ---- (e) ZeRO stages agree ----------------------------------------------------------------------
@@ -256,7 +246,9 @@ def zero0_run(tmp_path_factory, train_run):
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3", "zero3_offload"])
-def test_zero_stages_match_zero0(tmp_path, train_run, metrics_match, zero0_run, stage):
+def test_zero_stages_match_zero0(
+    metrics_rows, tmp_path, train_run, metrics_match, zero0_run, stage
+):
     expected, expected_dir = zero0_run
     results, run_dir = train_run(
         tmp_path / "run",
@@ -268,8 +260,8 @@ def test_zero_stages_match_zero0(tmp_path, train_run, metrics_match, zero0_run, 
     )
     # zero0 on fp32 CPU does not report a gradient norm (DeepSpeed keeps none): compare the rest
     metrics_match.rows(
-        read_metrics(run_dir),
-        read_metrics(expected_dir),
+        metrics_rows(run_dir),
+        metrics_rows(expected_dir),
         rtol=1e-5,
         atol=1e-6,
         ignore={"train/grad_norm"},
@@ -280,7 +272,9 @@ def test_zero_stages_match_zero0(tmp_path, train_run, metrics_match, zero0_run, 
         rtol=1e-5,
         atol=1e-6,
     )
-    assert train_rows(run_dir)[-1]["train/chosen_reward"] != 0.0  # the runs did train
+    assert (
+        metrics_rows(run_dir, "train/loss")[-1]["train/chosen_reward"] != 0.0
+    )  # the runs did train
 
 
 # ---- (f) bad inputs -----------------------------------------------------------------------------

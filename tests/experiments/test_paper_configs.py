@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -40,12 +39,6 @@ PAPER_LOSSES = ("logistic", "hinge", "squared", "exponential", "truncated_quadra
 PAPER_MARGINS = ("difference", "balanced")
 
 
-def compose_cfg(overrides: list[str], hydra: bool = False) -> DictConfig:
-    """The config ``python -m engine.train <overrides>`` would run (with ``hydra.*`` if asked)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
-
-
 def yaml_keys(path: Path) -> set[str]:
     return set(yaml.safe_load(path.read_text()))
 
@@ -54,9 +47,9 @@ def yaml_keys(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
-def test_paper_model_config_composes(name: str) -> None:
+def test_paper_model_config_composes(compose_config, name: str) -> None:
     hub_id, architecture, _ = PAPER_MODELS[name]
-    cfg = compose_cfg([f"model={name}", "data=math_pairs", "data.train=pairs.jsonl"])
+    cfg = compose_config([f"model={name}", "data=math_pairs", "data.train=pairs.jsonl"])
     validate_config(cfg)
     model = cfg.model
     # the keys of model=hf, plus the architecture the shrunk tests build
@@ -71,14 +64,14 @@ def test_paper_model_config_composes(name: str) -> None:
     assert architecture in CONFIG_MAPPING  # a model_type transformers knows without remote code
 
 
-def test_math_pairs_data_config() -> None:
-    cfg = compose_cfg(["data=math_pairs"])
+def test_math_pairs_data_config(compose_config) -> None:
+    cfg = compose_config(["data=math_pairs"])
     assert set(cfg.data) == yaml_keys(CONF / "data" / "files.yaml")
     assert cfg.data.kind == "files"
     assert OmegaConf.is_missing(cfg.data, "train")
     with pytest.raises(ConfigError, match=r"data\.train"):  # the user must name a file
         validate_config(cfg)
-    cfg = compose_cfg(["data=math_pairs", "data.train=pairs.jsonl", "data.eval=held_out.jsonl"])
+    cfg = compose_config(["data=math_pairs", "data.train=pairs.jsonl", "data.eval=held_out.jsonl"])
     validate_config(cfg)
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2048, 256)
     assert (cfg.data.train, cfg.data.eval, cfg.data.on_bad_row) == (
@@ -88,22 +81,22 @@ def test_math_pairs_data_config() -> None:
     )
 
 
-def test_paper_ablation_needs_a_train_file() -> None:
-    cfg = compose_cfg(["+experiment=paper_ablation"])
+def test_paper_ablation_needs_a_train_file(compose_config) -> None:
+    cfg = compose_config(["+experiment=paper_ablation"])
     with pytest.raises(ConfigError, match=r"data\.train"):
         validate_config(cfg)
 
 
-def test_paper_ablation_defaults_to_the_headline_model() -> None:
-    cfg = compose_cfg(["+experiment=paper_ablation", "data.train=pairs.jsonl"])
+def test_paper_ablation_defaults_to_the_headline_model(compose_config) -> None:
+    cfg = compose_config(["+experiment=paper_ablation", "data.train=pairs.jsonl"])
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-Math-7B"
     assert cfg.data.kind == "files"
     assert cfg.method.name is None  # plain loss x margin cells, no extra terms
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
-def test_paper_ablation_resolves_the_paper_hyperparameters(name: str) -> None:
-    cfg = compose_cfg(["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl"])
+def test_paper_ablation_resolves_the_paper_hyperparameters(compose_config, name: str) -> None:
+    cfg = compose_config(["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl"])
     validate_config(cfg)
     assert cfg.model.name_or_path == PAPER_MODELS[name][0]  # the command line's model= wins
     assert cfg.model.dtype == "bfloat16"
@@ -125,7 +118,7 @@ def test_paper_ablation_resolves_the_paper_hyperparameters(name: str) -> None:
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["train_batch_size"] == 8
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(5e-6)
-    eight = compose_cfg(
+    eight = compose_config(
         ["+experiment=paper_ablation", f"model={name}", "data.train=x", "trainer.grad_accum=1"]
     )
     assert build_deepspeed_config(eight, torch.bfloat16, world_size=8)["train_batch_size"] == 8
@@ -133,10 +126,10 @@ def test_paper_ablation_resolves_the_paper_hyperparameters(name: str) -> None:
     assert 2 * StepSampler(28_000, 1, 8, 1, seed=0).steps_per_epoch == 7_000
 
 
-def test_paper_ablation_lr_schedule_is_warmup_then_constant() -> None:
+def test_paper_ablation_lr_schedule_is_warmup_then_constant(compose_config) -> None:
     from engine.train import _lr_schedule
 
-    cfg = compose_cfg(["+experiment=paper_ablation", "data.train=pairs.jsonl"])
+    cfg = compose_config(["+experiment=paper_ablation", "data.train=pairs.jsonl"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.trainer.lr)
     schedule = _lr_schedule(optimizer, cfg.trainer, total_steps=1000)
     lrs = []
@@ -148,11 +141,13 @@ def test_paper_ablation_lr_schedule_is_warmup_then_constant() -> None:
     assert lrs[30:] == [pytest.approx(5e-6)] * 970  # then constant
 
 
-def test_paper_ablation_sweeps_the_12_cells() -> None:
+def test_paper_ablation_sweeps_the_12_cells(compose_config) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = compose_cfg(["+experiment=paper_ablation", "data.train=pairs.jsonl"], hydra=True)
+    cfg = compose_config(
+        ["+experiment=paper_ablation", "data.train=pairs.jsonl"], return_hydra_config=True
+    )
     params = cfg.hydra.sweeper.params
     assert set(params) == {"loss", "margin"}
     assert params.loss.split(",") == list(PAPER_LOSSES)
@@ -165,20 +160,20 @@ def test_paper_ablation_sweeps_the_12_cells() -> None:
     assert len(batch) == 12
     cells = set()
     for job in batch:
-        cell = compose_cfg(["+experiment=paper_ablation", "data.train=pairs.jsonl", *job])
+        cell = compose_config(["+experiment=paper_ablation", "data.train=pairs.jsonl", *job])
         build_objective(cell)  # every cell is a valid objective at the paper's beta and alpha
         assert cell.margin.alpha == pytest.approx(0.3) and cell.trainer.lr == pytest.approx(5e-6)
         cells.add((cell.loss.name, cell.margin.name))
     assert cells == {(loss, margin) for loss in PAPER_LOSSES for margin in PAPER_MARGINS}
 
 
-def test_local_parallel_launcher_config() -> None:
+def test_local_parallel_launcher_config(compose_config) -> None:
     """The launcher instantiates, and joblib accepts its options as the plugin passes them."""
     from hydra.utils import instantiate
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
     from joblib import Parallel
 
-    cfg = compose_cfg(["hydra/launcher=local_parallel"], hydra=True)
+    cfg = compose_config(["hydra/launcher=local_parallel"], return_hydra_config=True)
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "JoblibLauncher"
     options = dict(launcher.joblib)
@@ -192,7 +187,7 @@ def test_local_parallel_launcher_config() -> None:
     ("launcher", "gpus", "tasks", "mem"), [("slurm", 1, 1, 128), ("slurm_8gpu", 8, 8, 512)]
 )
 def test_slurm_launcher_configs_render_an_sbatch_script(
-    tmp_path: Path, monkeypatch, launcher: str, gpus: int, tasks: int, mem: int
+    compose_config, tmp_path: Path, monkeypatch, launcher: str, gpus: int, tasks: int, mem: int
 ) -> None:
     """Build the submitit executor exactly as hydra's SlurmLauncher.launch does (unknown keys are
     rejected there) and check the sbatch header it would submit."""
@@ -205,14 +200,14 @@ def test_slurm_launcher_configs_render_an_sbatch_script(
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
 
-    cfg = compose_cfg(
+    cfg = compose_config(
         [
             f"hydra/launcher={launcher}",
             "hydra.launcher.partition=gpu",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             "hydra.job.name=train",
         ],
-        hydra=True,
+        return_hydra_config=True,
     )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -294,10 +289,10 @@ def build_tokenizer(architecture: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_shrunk_model(name: str, out_dir: Path) -> Path:
+def build_shrunk_model(compose_config, name: str, out_dir: Path) -> Path:
     """The architecture of conf/model/<name>.yaml at hidden 32, 2 layers, 4 heads / 2 KV heads,
     with random weights and a tokenizer fixture, saved in Hugging Face format to ``out_dir``."""
-    cfg = compose_cfg([f"model={name}"])
+    cfg = compose_config([f"model={name}"])
     architecture = cfg.model.architecture
     tokenizer = build_tokenizer(architecture)
     config = AutoConfig.for_model(
@@ -358,9 +353,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shrunk_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def shrunk_models(tmp_path_factory: pytest.TempPathFactory, compose_config) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shrunk")
-    return {name: build_shrunk_model(name, root / name) for name in PAPER_MODELS}
+    return {name: build_shrunk_model(compose_config, name, root / name) for name in PAPER_MODELS}
 
 
 @pytest.fixture
@@ -411,6 +406,8 @@ def _finite_numbers(node: object) -> list[float]:
 @pytest.mark.parametrize("data_format", ["chat", "string"])
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
 def test_shrunk_paper_model_trains_under_zero3(
+    compose_config,
+    metrics_rows,
     name: str,
     data_format: str,
     shrunk_models: dict[str, Path],
@@ -426,7 +423,7 @@ def test_shrunk_paper_model_trains_under_zero3(
     pairs = write_rows(tmp_path / f"{data_format}.jsonl", rows)
     dtype = "bfloat16" if data_format == "chat" else "float32"
     run_dir = tmp_path / "run"
-    cfg = compose_cfg(
+    cfg = compose_config(
         [
             "+experiment=paper_ablation",
             f"model={name}",
@@ -464,7 +461,7 @@ def test_shrunk_paper_model_trains_under_zero3(
         for key in ("loss", "chosen_reward", "rejected_reward", "reward_accuracy"):
             assert math.isfinite(results[part][key]), (part, key)
     assert all(math.isfinite(x) for x in _finite_numbers(results))
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(run_dir)
     assert [row["step"] for row in metrics if "train/loss" in row] == [1, 2]
     assert all(math.isfinite(x) for row in metrics for x in _finite_numbers(row))
     saved = OmegaConf.load(run_dir / "config.yaml")

@@ -96,7 +96,7 @@ def table_row(markdown: str, loss: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def assert_finished(job: Path, margin: str, alpha: float | None = None) -> dict:
+def assert_finished(metrics_rows, job: Path, margin: str, alpha: float | None = None) -> dict:
     results = json.loads((job / "results.json").read_text())
     assert not (job / "failed.json").exists()
     assert (results["loss"], results["margin"], results["steps"]) == ("hinge", margin, 3)
@@ -104,13 +104,15 @@ def assert_finished(job: Path, margin: str, alpha: float | None = None) -> dict:
         assert results["alpha"] == pytest.approx(alpha)
     for key in ("loss", "chosen_reward", "rejected_reward", "reward_accuracy"):
         assert math.isfinite(results["train"][key]) and math.isfinite(results["eval"][key])
-    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(job)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
     assert (job / "final_model" / "model.safetensors").is_file()
     return results
 
 
-def test_two_cell_sweep_and_its_ablation_table(tmp_path: Path, arithmetic_pairs: Path) -> None:
+def test_two_cell_sweep_and_its_ablation_table(
+    metrics_rows, tmp_path: Path, arithmetic_pairs: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
     result = sweep(
         sweep_dir, arithmetic_pairs, "loss=hinge", "margin=difference,balanced", "margin.alpha=0.3"
@@ -118,8 +120,8 @@ def test_two_cell_sweep_and_its_ablation_table(tmp_path: Path, arithmetic_pairs:
     assert result.returncode == 0, result.stderr[-3000:]
     found = jobs(sweep_dir, "margin")
     assert set(found) == {"margin=difference", "margin=balanced"}
-    difference = assert_finished(found["margin=difference"], "difference")
-    balanced = assert_finished(found["margin=balanced"], "balanced", alpha=0.3)
+    difference = assert_finished(metrics_rows, found["margin=difference"], "difference")
+    balanced = assert_finished(metrics_rows, found["margin=balanced"], "balanced", alpha=0.3)
 
     markdown, rows = collect(sweep_dir, tmp_path / "report")
     # data=files has no verifier: the table shows eval.reward_accuracy, in percent
@@ -146,7 +148,7 @@ def test_two_cell_sweep_and_its_ablation_table(tmp_path: Path, arithmetic_pairs:
 
 @pytest.mark.parametrize("launcher", ["basic", "local_parallel"])
 def test_a_crashing_job_fails_its_cell_not_the_sweep(
-    tmp_path: Path, arithmetic_pairs: Path, launcher: str
+    metrics_rows, tmp_path: Path, arithmetic_pairs: Path, launcher: str
 ) -> None:
     """margin.alpha=5.0 fails validation (alpha must be in (0, 1]); it runs first, so the basic
     launcher must go on to the next job after a crash."""
@@ -165,7 +167,7 @@ def test_a_crashing_job_fails_its_cell_not_the_sweep(
     assert ALPHA_ERROR in result.stderr
     found = jobs(sweep_dir, "margin", "margin.alpha")
     assert set(found) == {"margin=balanced margin.alpha=5.0", "margin=balanced margin.alpha=0.3"}
-    assert_finished(found["margin=balanced margin.alpha=0.3"], "balanced", alpha=0.3)
+    assert_finished(metrics_rows, found["margin=balanced margin.alpha=0.3"], "balanced", alpha=0.3)
     crashed = found["margin=balanced margin.alpha=5.0"]
     assert not (crashed / "results.json").exists()
     failed = json.loads((crashed / "failed.json").read_text())
@@ -193,7 +195,9 @@ def test_a_crashing_job_fails_its_cell_not_the_sweep(
     assert cells[header.index("alpha=0.3")].endswith("(n=1)")
 
 
-def test_two_cell_sweep_in_parallel_with_joblib(tmp_path: Path, arithmetic_pairs: Path) -> None:
+def test_two_cell_sweep_in_parallel_with_joblib(
+    metrics_rows, tmp_path: Path, arithmetic_pairs: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
     result = sweep(
         sweep_dir,
@@ -206,7 +210,7 @@ def test_two_cell_sweep_in_parallel_with_joblib(tmp_path: Path, arithmetic_pairs
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     found = jobs(sweep_dir, "margin")
     assert set(found) == {"margin=difference", "margin=balanced"}
-    assert_finished(found["margin=difference"], "difference")
-    assert_finished(found["margin=balanced"], "balanced")
+    assert_finished(metrics_rows, found["margin=difference"], "difference")
+    assert_finished(metrics_rows, found["margin=balanced"], "balanced")
     launcher = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())["hydra"]["launcher"]
     assert launcher["_target_"].endswith("JoblibLauncher") and launcher["n_jobs"] == 2

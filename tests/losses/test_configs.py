@@ -78,12 +78,6 @@ def test_neutral_extras_are_preference_loss_defaults():
             assert parameters[key].default == value, key
 
 
-def compose(overrides: list[str]):
-    hydra = pytest.importorskip("hydra")
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose("config", overrides=overrides)
-
-
 def values_equal(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
         return a is b or (a == b and type(a) is type(b))
@@ -91,9 +85,10 @@ def values_equal(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def composed() -> dict:
+def composed(compose_config) -> dict:
     """method name -> composed config (composed once per module: Hydra is slow-ish)."""
-    return {name: compose([f"method={name}"]) for name in [*sorted(METHODS), "none"]}
+    pytest.importorskip("hydra")
+    return {name: compose_config([f"method={name}"]) for name in [*sorted(METHODS), "none"]}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -123,8 +118,9 @@ def test_no_method_is_the_neutral_default_cell(composed):
 
 
 @pytest.mark.parametrize(("loss", "margin"), [("hinge", "balanced"), ("savage", "difference")])
-def test_loss_and_margin_overrides_compose(loss, margin):
-    cfg = compose([f"loss={loss}", f"margin={margin}", "margin.alpha=0.3", "beta=0.05"])
+def test_loss_and_margin_overrides_compose(compose_config, loss, margin):
+    pytest.importorskip("hydra")
+    cfg = compose_config([f"loss={loss}", f"margin={margin}", "margin.alpha=0.3", "beta=0.05"])
     assert cfg.loss.name == loss
     assert cfg.margin.name == margin
     assert cfg.margin.alpha == 0.3

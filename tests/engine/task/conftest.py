@@ -8,16 +8,12 @@ is ever written to (or read from) the real ``~/.cache``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from engine.task.tokenizer import build_tokenizer
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 #: A budget on which the real pipeline produces pairs in seconds: 1-digit problems (155 distinct
 #: prompts exist; the sets below take 136 of them), a 2-layer model, SFT evaluated every 25 steps
@@ -66,11 +62,6 @@ CHEAP_TASK = (
 )
 
 
-def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Never touch the real cache: each test gets its own XDG_CACHE_HOME."""
@@ -78,9 +69,13 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture(scope="session")
-def task_config() -> Callable[..., DictConfig]:
+def task_config(compose_config) -> Callable[..., DictConfig]:
     """``task_config(*overrides)``: the project's config (conf/config.yaml) with overrides."""
-    return _compose
+
+    def compose(*overrides: str) -> DictConfig:
+        return compose_config(overrides)
+
+    return compose
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,153 @@
+"""The training loop: forward, loss, backward, step, log, eval, checkpoint, top to bottom.
+
+:func:`run_loop` runs the optimizer steps from ``state.step`` to the end; :func:`train_step` is one
+micro batch's forward and objective; :func:`evaluate` is the eval pairs' objective metrics plus the
+data source's evaluators. Everything they use is built by ``engine.train.train`` and handed over
+in one :class:`LoopParts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import distributed as dist_utils
+from engine import run_state
+from engine.batching import StepSampler, collate_pairs
+from engine.metrics import means, pair_sums
+from engine.objective import objective_output
+from engine.packing import PairLayout
+from engine.pair_batch import PairBatch
+from engine.reference import Reference
+from engine.run_state import RunState
+from engine.scoring import PairScores, score_pairs
+from engine.sources import PreparedData
+from engine.tracking import MetricsLogger
+from losses import PreferenceLoss, PreferenceLossOutput
+
+
+@dataclass
+class LoopParts:
+    """What the loop works with (built by ``engine.train.train``, phase by phase)."""
+
+    trainer: Any  # the ``trainer`` config group
+    engine: Any  # the DeepSpeed engine around the policy's SequenceLogProbs
+    scheduler: Any
+    model: torch.nn.Module  # the policy's transformers model (for evaluators and export)
+    objective: PreferenceLoss
+    reference: Reference
+    data: PreparedData
+    sampler: StepSampler
+    layout: PairLayout
+    device: torch.device
+    total_steps: int
+    checkpoint_dir: Path
+    logger: MetricsLogger | None  # rank 0 only
+
+
+def train_step(parts: LoopParts, batch: PairBatch) -> tuple[PreferenceLossOutput, torch.Tensor]:
+    """Forward (chosen and rejected in one pass) and the objective on one micro batch; returns
+    the objective's output and the batch's metric sums."""
+    policy = PairScores.split(*parts.engine(**batch.model_inputs()))
+    out = objective_output(parts.objective, policy, parts.reference.train_scores(batch))
+    return out, pair_sums(out, policy)
+
+
+def evaluate(parts: LoopParts) -> dict[str, float]:
+    """``eval/`` metrics: the objective on every eval pair, then each evaluator of the data."""
+    engine, data = parts.engine, parts.data
+    metrics: dict[str, float] = {}
+    if data.eval_pairs:
+        engine.eval()
+        scores = score_pairs(
+            lambda batch: engine(**batch.model_inputs()),
+            data.eval_pairs,
+            int(parts.trainer.micro_batch_size),
+            int(data.tokenizer.pad_token_id),
+            parts.device,
+        )
+        out = objective_output(parts.objective, scores, parts.reference.eval_scores())
+        metrics.update(means(pair_sums(out, scores), "eval"))
+        engine.train()
+    for evaluator in data.evaluators:
+        engine.eval()
+        found = evaluator.evaluate(parts.model, data.tokenizer, parts.device)
+        metrics.update({f"eval/{k}": v for k, v in found.items()})
+        engine.train()
+    return metrics
+
+
+def _log_train(parts: LoopParts, state: RunState) -> None:
+    """Close the metrics window into ``state.last_train`` and log it (rank 0)."""
+    means_, pairs_per_second = state.window.close(parts.device)
+    state.last_train = means_
+    state.last_train["train/lr"] = float(parts.scheduler.get_last_lr()[0])
+    grad_norm = parts.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        state.last_train["train/grad_norm"] = float(grad_norm)
+    state.last_train["train/pairs_per_second"] = pairs_per_second
+    state.last_train["train/epoch"] = state.step / parts.sampler.steps_per_epoch
+    if parts.logger is not None:
+        parts.logger.log(state.step, state.last_train)
+
+
+def _progress_bar(parts: LoopParts, start: int) -> Any:
+    if not (dist_utils.is_main() and parts.trainer.progress_bar):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=parts.total_steps, initial=start, desc="train", dynamic_ncols=True, disable=None
+    )
+
+
+def run_loop(parts: LoopParts, state: RunState) -> None:
+    """The optimizer steps from ``state.step`` to ``parts.total_steps``."""
+    trainer, engine, device = parts.trainer, parts.engine, parts.device
+    rank, grad_accum = dist_utils.rank(), int(trainer.grad_accum)
+    log_every, eval_every = int(trainer.log_every), int(trainer.eval_every)
+    save_every, keep = int(trainer.save_every), int(trainer.keep_checkpoints)
+    pad_id = int(parts.data.tokenizer.pad_token_id)
+    pairs = parts.data.train_pairs
+    progress = _progress_bar(parts, state.step)
+    state.window.restart_clock()
+    for step in range(state.step, parts.total_steps):
+        # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
+        for micro_step in range(grad_accum):
+            indices = parts.sampler.indices(step, micro_step, rank)
+            batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
+            out, sums = train_step(parts, batch.to(device))
+            engine.backward(out.losses.mean())
+            engine.step()
+            state.window.add(sums)
+        state.step = done = step + 1
+        last = done == parts.total_steps
+        if progress is not None:
+            progress.update(1)
+
+        # log: one all-reduce of the window's sums (a sync point, so only every log_every steps)
+        if done % log_every == 0 or last:
+            _log_train(parts, state)
+            if progress is not None and parts.logger is not None:
+                progress.set_postfix(
+                    loss=f"{state.last_train['train/loss']:.4f}",
+                    acc=f"{state.last_train['train/reward_accuracy']:.2f}",
+                )
+            state.window.restart_clock()
+
+        # eval
+        if (eval_every and done % eval_every == 0) or last:
+            state.last_eval = evaluate(parts)
+            if parts.logger is not None and state.last_eval:
+                parts.logger.log(done, state.last_eval)
+
+        # checkpoint. The preemption check goes here, after the optimizer step: when every rank
+        # agrees a stop was requested (SIGTERM / SIGUSR1), save now (as if save_every said so),
+        # then leave the loop and the process with the status the launcher requeues
+        if (save_every and done % save_every == 0) or last:
+            run_state.save(engine, parts.checkpoint_dir, state, keep, device)
+    if progress is not None:
+        progress.close()

@@ -1,0 +1,231 @@
+"""The reference policy pi_ref, in one place: what the train step and evaluation ask for
+reference scores.
+
+Every variant answers the same two questions: :meth:`Reference.train_scores` (the micro batch's
+pairs) and :meth:`Reference.eval_scores` (every eval pair, in order). Which one a run gets
+(:func:`make_reference`):
+
+- ``precompute`` (the default): the initial policy's scores of every train and eval pair,
+  computed once before the first update through the policy itself (no second model in memory);
+- ``precompute`` with ``reference.name_or_path``: the same, from a separate model, which is loaded
+  once for that pass and then dropped;
+- ``live`` (``reference.precompute=false``): a frozen scorer kept in memory and run on every micro
+  batch: a copy of the initial policy, or the separate model (loaded once);
+- ``none``: a reference-free objective (``requirements.needs_reference`` false): zero scores, no
+  scoring pass, no model loaded.
+
+Scores computed before training are written to ``reference_logps.pt`` in the run directory and
+read back on resume, so a resumed run compares against the *initial* policy.
+
+Adding a variant: a live reference is any frozen scorer, a callable ``PairBatch -> (logps,
+counts)`` of the batch's 2B sequences (:data:`engine.scoring.ForwardFn`), run under
+``torch.no_grad``. E.g. "the policy with its adapters disabled" is ``LiveReference(scorer)`` with
+a scorer that runs the policy inside peft's ``disable_adapter()``; choose it in
+:func:`make_reference`. A precomputed one from another scorer is
+``PrecomputedReference(load_scorer=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from engine import distributed as dist_utils
+from engine.data import TokenizedPair
+from engine.fileio import atomic_open
+from engine.logprobs import SequenceLogProbs
+from engine.modeling import load_model, load_tokenizer
+from engine.pair_batch import PairBatch
+from engine.scoring import ForwardFn, PairScores, score_pairs
+
+#: the reference's scores in the run directory: (train PairScores | None, eval PairScores | None)
+REFERENCE_FILE = "reference_logps.pt"
+
+
+class Reference:
+    """Reference scores for the train step and evaluation (see the module docstring).
+
+    Args:
+        pairs: the train pairs; eval_pairs: the eval pairs (may be empty).
+        micro_batch_size, pad_id, device: how scoring passes batch the pairs.
+    """
+
+    kind = "abstract"
+
+    def __init__(
+        self,
+        pairs: list[TokenizedPair],
+        eval_pairs: list[TokenizedPair],
+        micro_batch_size: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.pairs, self.eval_pairs = pairs, eval_pairs
+        self.micro_batch_size, self.pad_id, self.device = micro_batch_size, pad_id, device
+        self._train: PairScores | None = None
+        self._eval: PairScores | None = None
+
+    def prepare(self, policy: torch.nn.Module, run_dir: Path, resume: bool) -> None:
+        """Compute what is computed before the first update, with ``policy`` (the DeepSpeed
+        engine, still the initial policy) and save it in ``run_dir``; on ``resume``, read it
+        back instead when the file is there. Every rank must call this."""
+        path = run_dir / REFERENCE_FILE
+        if resume and path.is_file():
+            self._train, self._eval = torch.load(path, weights_only=False)
+            return
+        self._train, self._eval = self._score_all(policy)
+        if dist_utils.is_main():
+            with atomic_open(path, "wb") as handle:
+                torch.save((self._train, self._eval), handle)
+
+    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+        raise NotImplementedError
+
+    def _score(self, forward: ForwardFn, pairs: list[TokenizedPair]) -> PairScores | None:
+        if not pairs:
+            return None
+        return score_pairs(forward, pairs, self.micro_batch_size, self.pad_id, self.device)
+
+    def train_scores(self, batch: PairBatch) -> PairScores:
+        """The reference's scores of ``batch``'s pairs (detached; on the CPU or ``device``)."""
+        raise NotImplementedError
+
+    def eval_scores(self) -> PairScores | None:
+        """The reference's scores of every eval pair (None without eval pairs)."""
+        return self._eval
+
+
+class PrecomputedReference(Reference):
+    """Scores of every pair computed once, before the first update, by the scorer that
+    ``load_scorer`` returns (a separate frozen model, loaded only for that pass and never on a
+    resume that finds the scores saved) or, when ``load_scorer`` is None, by the initial policy."""
+
+    kind = "precompute"
+
+    def __init__(
+        self, *args: Any, load_scorer: Callable[[], ForwardFn] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._load_scorer = load_scorer
+
+    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+        forward = self._load_scorer() if self._load_scorer else _forward_of(policy)
+        policy.eval()
+        scores = self._score(forward, self.pairs), self._score(forward, self.eval_pairs)
+        policy.train()
+        return scores  # a separate reference goes out of scope here: needed for this pass only
+
+    def train_scores(self, batch: PairBatch) -> PairScores:
+        return self._train.index(batch.indices.cpu())
+
+
+class NoReference(PrecomputedReference):
+    """A reference-free objective's reference: zero log-probs (counts of 1), never scored."""
+
+    kind = "none"
+
+    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+        return PairScores.zeros(len(self.pairs)), (
+            PairScores.zeros(len(self.eval_pairs)) if self.eval_pairs else None
+        )
+
+
+class LiveReference(Reference):
+    """A frozen ``scorer`` run on every micro batch (``reference.precompute=false``); the eval
+    pairs are scored by it once, before the first update."""
+
+    kind = "live"
+
+    def __init__(self, *args: Any, scorer: ForwardFn, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scorer = scorer
+
+    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+        return None, self._score(self.scorer, self.eval_pairs)
+
+    def train_scores(self, batch: PairBatch) -> PairScores:
+        with torch.no_grad():
+            logps, counts = self.scorer(batch)
+        return PairScores.split(logps, counts)
+
+
+def make_reference(
+    cfg: Any,
+    needs_reference: bool,
+    model: torch.nn.Module,
+    data: Any,
+    device: torch.device,
+) -> Reference:
+    """The reference ``cfg.reference`` asks for (see the module docstring). Call it before
+    DeepSpeed wraps ``model`` (the initial policy): a live copy is taken from it.
+
+    ``data`` is the run's :class:`engine.sources.PreparedData`.
+    """
+    reference_cfg = cfg.get("reference") or {}
+    trainer = cfg.trainer
+    common = (
+        data.train_pairs,
+        data.eval_pairs,
+        int(trainer.micro_batch_size),
+        int(data.tokenizer.pad_token_id),
+        device,
+    )
+    if not needs_reference:
+        return NoReference(*common)
+    separate = None
+    if reference_cfg.get("name_or_path"):
+
+        def separate() -> ForwardFn:
+            return frozen_scorer(_load_separate(cfg, data, device), trainer)
+
+    if reference_cfg.get("precompute", True):
+        return PrecomputedReference(*common, load_scorer=separate)
+    if separate is not None:
+        return LiveReference(*common, scorer=separate())
+    # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
+    return LiveReference(*common, scorer=frozen_scorer(copy.deepcopy(model).to(device), trainer))
+
+
+def _load_separate(cfg: Any, data: Any, device: torch.device) -> torch.nn.Module:
+    """The model at ``reference.name_or_path``. It is scored with the policy's token ids, so it
+    must share the policy's vocabulary."""
+    path = str(cfg.reference.name_or_path)
+    ref_cfg = OmegaConf.merge(data.model_cfg, {"name_or_path": path, "tokenizer": None})
+    ref_tokenizer = load_tokenizer(ref_cfg, key="reference")
+    if ref_tokenizer.get_vocab() != data.tokenizer.get_vocab():
+        raise ValueError(
+            f"reference.name_or_path={path!r}: its tokenizer differs from the policy's; a "
+            "reference must score the same token ids"
+        )
+    return load_model(ref_cfg, data.tokenizer, seed=int(cfg.seed), key="reference").to(device)
+
+
+def frozen_scorer(model: torch.nn.Module, trainer: Any) -> ForwardFn:
+    """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients."""
+    model.eval().requires_grad_(False)
+    scorer = SequenceLogProbs(
+        model,
+        chunk_size=int(trainer.logit_chunk_size),
+        keep_mb=float(trainer.get("logit_keep_mb", 0)),
+        chunked=bool(trainer.get("chunked_logprobs", True)),
+    ).eval()
+
+    @torch.no_grad()
+    def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return scorer(**batch.model_inputs())
+
+    return forward
+
+
+def _forward_of(policy: torch.nn.Module) -> ForwardFn:
+    """``batch -> (logps, counts)`` of the policy (the DeepSpeed engine around SequenceLogProbs)."""
+
+    def forward(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return policy(**batch.model_inputs())
+
+    return forward
