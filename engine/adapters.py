@@ -313,6 +313,28 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def disabled_adapter_scorer(model: nn.Module, trainer: Any) -> Callable[[Any], Any]:
+    """A live reference for fresh adapters (``reference.precompute=false``): ``batch -> (logps,
+    counts)`` of the policy itself with its adapters disabled, under ``torch.no_grad``. Shares the
+    policy's modules (no copy; under ZeRO-3 they gather their shards as in the policy's forward).
+    """
+    from engine.logprobs import SequenceLogProbs
+
+    scorer = SequenceLogProbs(
+        unwrap(model),
+        chunk_size=int(trainer.logit_chunk_size),
+        keep_mb=float(trainer.get("logit_keep_mb", 0)),
+        chunked=bool(trainer.get("chunked_logprobs", True)),
+    )
+
+    @torch.no_grad()
+    def forward(batch: Any) -> Any:
+        with adapters_disabled(model):
+            return scorer(**batch.model_inputs())
+
+    return forward
+
+
 def trainable_state_dict(engine: Any, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The trainable tensors (adapters and modules_to_save) by parameter name, full size, on CPU,
     on rank 0 (None elsewhere): what ``PeftModel.save_pretrained(state_dict=...)`` takes.

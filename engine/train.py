@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from engine import adapters, run_state
 from engine import distributed as dist_utils
-from engine import run_state
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
 from engine.config import build_deepspeed_config, build_objective, validate_config
@@ -48,10 +48,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     objective, run_dir, device = _setup(cfg)
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     data = prepare_data(cfg)
-    # model: the policy, as a module that scores the sequences of a pair batch
-    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
+    # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
+    # engine.adapters), as a module that scores the sequences of a pair batch
+    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
     policy = SequenceLogProbs(
-        model,
+        adapters.unwrap(model),
         chunk_size=int(cfg.trainer.logit_chunk_size),
         keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
         chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
@@ -93,8 +94,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=logger,
     )
     run_loop(parts, state)
-    # export: the final model in Hugging Face format
-    if cfg.trainer.get("export", True):
+    # export: the final model in Hugging Face format (adapters: final_adapter/ and the merge)
+    if cfg.trainer.get("export", True) and adapters.adapters_enabled(data.model_cfg):
+        adapters.export_adapters(
+            engine,
+            model,
+            data.tokenizer,
+            run_dir,
+            load_base=lambda: load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed)),
+        )
+    elif cfg.trainer.get("export", True):
         export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
     # results: results.json (rank 0) and the closing console line
     results = _results(cfg, data, state, total_steps, started)
@@ -110,6 +119,7 @@ def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
     """Check the config and build the objective (before anything is created), then start the
     process group, make the run directory with its config.yaml, seed, and pick the device."""
     validate_config(cfg)
+    adapters.validate_adapter_config(cfg.model, cfg.deepspeed)
     objective = build_objective(cfg)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))

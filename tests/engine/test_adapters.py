@@ -28,8 +28,9 @@ from engine import distributed as dist_utils
 from engine.config import ConfigError, build_deepspeed_config, build_objective
 from engine.logprobs import SequenceLogProbs
 from engine.modeling import load_model, load_tokenizer
+from tests.conftest import compose
 
-from .conftest import compose, make_pairs
+from .conftest import make_pairs
 
 MERGE_RTOL = 1e-5
 QLORA_NOGRAD_RTOL = 1e-4
