@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import adapters, run_state
 from engine import distributed as dist_utils
+from engine.adapter_export import export_adapters
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
 from engine.config import build_deepspeed_config, build_objective, validate_config
@@ -96,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_loop(parts, state)
     # export: the final model in Hugging Face format (adapters: final_adapter/ and the merge)
     if cfg.trainer.get("export", True) and adapters.adapters_enabled(data.model_cfg):
-        adapters.export_adapters(
+        export_adapters(
             engine,
             model,
             data.tokenizer,

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from engine import adapters
 from engine import distributed as dist_utils
+from engine.adapter_export import export_adapters
 from engine.config import ConfigError, build_deepspeed_config, build_objective
 from engine.logprobs import SequenceLogProbs
 from engine.modeling import load_model, load_tokenizer
@@ -298,7 +299,7 @@ def trained(request, tmp_path_factory):
     with torch.no_grad():
         after = engine(**inputs)[0]
     run_dir = tmp_path_factory.mktemp(f"{stage}-{quantization}")
-    adapters.export_adapters(
+    export_adapters(
         engine, model, tokenizer, run_dir, lambda: load_model(cfg.model, tokenizer, seed=0)
     )
     return SimpleNamespace(
