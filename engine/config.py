@@ -9,18 +9,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.data import ON_BAD_ROW
 from engine.packing import BLOCK_ATTENTION
+from engine.tracking import report_targets
 from losses import PreferenceLoss
 
 #: keys of ``cfg.method`` passed to :class:`losses.PreferenceLoss` as extra options
 OBJECTIVE_EXTRAS = PreferenceLoss.EXTRAS
 
-_POSITIVE_INTS = ("micro_batch_size", "grad_accum", "log_every", "logit_chunk_size")
+_POSITIVE_INTS = ("micro_batch_size", "log_every", "logit_chunk_size")
 _NON_NEGATIVE_INTS = ("eval_every", "save_every", "keep_checkpoints")
-_OPTIONAL_POSITIVE_INTS = ("max_steps", "threads", "length_grouping_megabatch")  # null = default
+# null = the default (grad_accum: derived from global_batch, else 1; global_batch: not set)
+_OPTIONAL_POSITIVE_INTS = (
+    "max_steps",
+    "threads",
+    "length_grouping_megabatch",
+    "grad_accum",
+    "global_batch",
+)
 #: on/off keys of ``trainer`` (absent = the built-in default) and of ``reference``
 _TRAINER_SWITCHES = (
     "chunked_logprobs",
@@ -101,6 +109,10 @@ def validate_config(cfg: DictConfig) -> None:
         f"must be null or auto, got {trainer.get('resume')!r}",
     )
     _validate_switches(cfg)
+    try:
+        report_targets(trainer)
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     data = cfg.data
     _require(
         data.get("on_bad_row") in ON_BAD_ROW,
@@ -159,6 +171,52 @@ def _validate_switches(cfg: DictConfig) -> None:
     )
 
 
+def grad_accum_steps(trainer: Any, world_size: int) -> int:
+    """Micro steps per optimizer step: ``trainer.grad_accum``, or derived from
+    ``trainer.global_batch`` (pairs per optimizer step over all processes) as
+    ``global_batch / (micro_batch_size * world_size)``.
+
+    Raises :class:`ConfigError` when the global batch does not split into whole micro steps, or
+    when ``grad_accum`` is also set and gives another global batch. With neither set: 1.
+    """
+    micro = int(trainer.micro_batch_size)
+    accum = trainer.get("grad_accum")
+    global_batch = trainer.get("global_batch")
+    if global_batch is None:
+        return 1 if accum is None else int(accum)
+    global_batch = int(global_batch)
+    per_micro_step = micro * world_size
+    _require(
+        global_batch % per_micro_step == 0,
+        "trainer.global_batch",
+        f"{global_batch} pairs do not split into micro steps of trainer.micro_batch_size={micro} "
+        f"x world size {world_size} = {per_micro_step} pairs; use a multiple of {per_micro_step} "
+        "or another micro batch",
+    )
+    derived = global_batch // per_micro_step
+    _require(
+        accum is None or int(accum) == derived,
+        "trainer.grad_accum",
+        f"{accum} conflicts with trainer.global_batch={global_batch}, which needs {derived} "
+        f"(= {global_batch} / (micro_batch_size {micro} x world size {world_size})); set one "
+        "of them (trainer.grad_accum=null derives it)",
+    )
+    return derived
+
+
+def resolve_batch(cfg: DictConfig, world_size: int) -> DictConfig:
+    """A copy of ``cfg`` whose ``trainer.grad_accum`` is the number of micro steps for this world
+    size (:func:`grad_accum_steps`) and ``trainer.global_batch`` the pairs per optimizer step that
+    follow; everything downstream reads the two as plain integers. Call it once the world size
+    is known."""
+    accum = grad_accum_steps(cfg.trainer, world_size)
+    resolved = cfg.copy()
+    with open_dict(resolved):
+        resolved.trainer.grad_accum = accum
+        resolved.trainer.global_batch = int(cfg.trainer.micro_batch_size) * accum * world_size
+    return resolved
+
+
 def build_objective(cfg: DictConfig) -> PreferenceLoss:
     """The :class:`losses.PreferenceLoss` described by loss, margin, beta and method."""
     method = cfg.method
@@ -185,9 +243,10 @@ def build_deepspeed_config(
     trainer = cfg.trainer
     ds: dict[str, Any] = OmegaConf.to_container(cfg.deepspeed, resolve=True)  # type: ignore[assignment]
     ds.pop("description", None)
+    accum = grad_accum_steps(trainer, world_size)
     ds["train_micro_batch_size_per_gpu"] = int(trainer.micro_batch_size)
-    ds["gradient_accumulation_steps"] = int(trainer.grad_accum)
-    ds["train_batch_size"] = int(trainer.micro_batch_size) * int(trainer.grad_accum) * world_size
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = int(trainer.micro_batch_size) * accum * world_size
     ds["gradient_clipping"] = float(trainer.grad_clip)
     ds["optimizer"] = {
         "type": "AdamW",

@@ -11,6 +11,9 @@ Sources (``source``), tried in this order:
   the split of a ``DatasetDict``);
 - anything else goes to ``datasets.load_dataset(source, split=split)`` (hub names, local data dirs).
 
+Files are UTF-8: a JSONL line that is not is a bad row (``invalid_utf8``, with the byte and its
+column); a JSON file that is not fails as a whole, naming the line and byte offset.
+
 Single files and a saved single ``Dataset`` have no splits: ``split`` is ignored for them. Rows are
 named ``"<source>: line N"`` (JSONL, 1-based file line) or ``"<source>: index N"`` (everything else,
 0-based row index); errors and :class:`TokenizedPair.where` use these names.
@@ -51,12 +54,12 @@ leading BOS may be cut). Each response is then cut on the right to ``max_length 
 tokens (its EOS may be cut). A prompt leaving fewer than ``min_response_tokens`` for the response
 is a bad row. ``DataReport.truncated`` counts pairs where anything was cut.
 
-Bad rows (reason keys of ``DataReport.skipped``): ``invalid_json``, ``not_an_object``,
-``missing_key``, ``wrong_type``, ``empty_prompt``, ``empty_response``, ``no_shared_prompt``,
-``identical_responses`` (as given), ``identical_after_truncation`` (no signal left),
-``prompt_too_long``, ``template_mismatch``. ``on_bad_row="error"`` raises :class:`BadRowError` at
-the first one, naming source, row and problem; ``on_bad_row="skip"`` counts them by reason and logs
-one warning.
+Bad rows (reason keys of ``DataReport.skipped``): ``invalid_utf8``, ``invalid_json``,
+``not_an_object``, ``missing_key``, ``wrong_type``, ``empty_prompt``, ``empty_response``,
+``no_shared_prompt``, ``identical_responses`` (as given), ``identical_after_truncation`` (no
+signal left), ``prompt_too_long``, ``template_mismatch``. ``on_bad_row="error"`` raises
+:class:`BadRowError` at the first one, naming source, row and problem; ``on_bad_row="skip"``
+counts them by reason and logs one warning.
 """
 
 from __future__ import annotations
@@ -171,11 +174,23 @@ def _looks_like_local_file(source: str) -> bool:
 
 
 def _jsonl_rows(path: Path, source: str) -> Iterator[tuple[str, dict | _Unreadable]]:
-    with _open_text(path, source) as lines:
-        for number, line in enumerate(lines, start=1):
+    # Bytes, decoded line by line: one line that is not UTF-8 is a bad row named by its number,
+    # not a bare UnicodeDecodeError from the middle of the file.
+    with _open_bytes(path, source) as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield f"{source}: line {number}", _Unreadable("invalid_utf8", _utf8_detail(exc))
+                continue
             if not line.strip():
                 continue
             yield f"{source}: line {number}", _parse_object(line)
+
+
+def _utf8_detail(exc: UnicodeDecodeError) -> str:
+    """``not valid UTF-8 (byte 0xff at column 7)`` for a decode error of one line."""
+    return f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
 
 
 def _parse_object(text: str) -> dict | _Unreadable:
@@ -189,14 +204,25 @@ def _parse_object(text: str) -> dict | _Unreadable:
 
 
 def _json_rows(path: Path, source: str) -> Iterator[tuple[str, dict | _Unreadable]]:
-    with _open_text(path, source) as handle:
-        text = handle.read()
+    with _open_bytes(path, source) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if _looks_like_json_lines(data):  # JSON Lines: the bad line is a bad row of its own
+            yield from _jsonl_rows(path, source)
+            return
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{source}: line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at byte "
+            f"offset {exc.start}, column {column}); save the file as UTF-8"
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         # Hub datasets often name JSON Lines files ".json": read those line by line.
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if first and not isinstance(_parse_object(first), _Unreadable):
+        if _looks_like_json_lines(data):
             yield from _jsonl_rows(path, source)
             return
         raise ValueError(f"{source}: invalid JSON ({exc})") from exc
@@ -215,9 +241,18 @@ def _json_rows(path: Path, source: str) -> Iterator[tuple[str, dict | _Unreadabl
             yield where, _Unreadable("not_an_object", f"expected an object, got {_type_name(row)}")
 
 
-def _open_text(path: Path, source: str):
+def _looks_like_json_lines(data: bytes) -> bool:
+    """Whether the first non-blank line of ``data`` is a whole JSON object (JSON Lines)."""
+    first = next((line for line in data.splitlines() if line.strip()), b"")
     try:
-        return open(path, encoding="utf-8")  # callers use it in a with block
+        return bool(first) and not isinstance(_parse_object(first.decode("utf-8")), _Unreadable)
+    except UnicodeDecodeError:
+        return False
+
+
+def _open_bytes(path: Path, source: str):
+    try:
+        return open(path, "rb")  # callers use it in a with block
     except OSError as exc:
         raise ValueError(f"{source}: cannot read ({exc})") from exc
 

@@ -21,6 +21,7 @@ from engine.metrics import means, pair_sums
 from engine.objective import objective_output
 from engine.packing import PairLayout
 from engine.pair_batch import PairBatch
+from engine.preemption import PreemptionGuard
 from engine.reference import Reference
 from engine.run_state import RunState
 from engine.scoring import PairScores, score_pairs
@@ -114,40 +115,43 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
     pairs = parts.data.train_pairs
     progress = _progress_bar(parts, state.step)
     state.window.restart_clock()
-    for step in range(state.step, parts.total_steps):
-        # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last one
-        for micro_step in range(grad_accum):
-            indices = parts.sampler.indices(step, micro_step, rank)
-            batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
-            out, sums = train_step(parts, batch.to(device))
-            engine.backward(out.losses.mean())
-            engine.step()
-            state.window.add(sums)
-        state.step = done = step + 1
-        last = done == parts.total_steps
-        if progress is not None:
-            progress.update(1)
+    with PreemptionGuard() as guard:  # from here a stop signal ends the loop after a whole step
+        for step in range(state.step, parts.total_steps):
+            # forward + loss + backward per micro step; DeepSpeed steps the optimizer on the last
+            for micro_step in range(grad_accum):
+                indices = parts.sampler.indices(step, micro_step, rank)
+                batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
+                out, sums = train_step(parts, batch.to(device))
+                engine.backward(out.losses.mean())
+                engine.step()
+                state.window.add(sums)
+            state.step = done = step + 1
+            last = done == parts.total_steps
+            if progress is not None:
+                progress.update(1)
 
-        # log: one all-reduce of the window's sums (a sync point, so only every log_every steps)
-        if done % log_every == 0 or last:
-            _log_train(parts, state)
-            if progress is not None and parts.logger is not None:
-                progress.set_postfix(
-                    loss=f"{state.last_train['train/loss']:.4f}",
-                    acc=f"{state.last_train['train/reward_accuracy']:.2f}",
-                )
-            state.window.restart_clock()
+            # log: one all-reduce of the window's sums (a sync point, so only every log_every steps)
+            if done % log_every == 0 or last:
+                _log_train(parts, state)
+                if progress is not None and parts.logger is not None:
+                    progress.set_postfix(
+                        loss=f"{state.last_train['train/loss']:.4f}",
+                        acc=f"{state.last_train['train/reward_accuracy']:.2f}",
+                    )
+                state.window.restart_clock()
 
-        # eval
-        if (eval_every and done % eval_every == 0) or last:
-            state.last_eval = evaluate(parts)
-            if parts.logger is not None and state.last_eval:
-                parts.logger.log(done, state.last_eval)
+            # eval
+            if (eval_every and done % eval_every == 0) or last:
+                state.last_eval = evaluate(parts)
+                if parts.logger is not None and state.last_eval:
+                    parts.logger.log(done, state.last_eval)
 
-        # checkpoint. The preemption check goes here, after the optimizer step: when every rank
-        # agrees a stop was requested (SIGTERM / SIGUSR1), save now (as if save_every said so),
-        # then leave the loop and the process with the status the launcher requeues
-        if (save_every and done % save_every == 0) or last:
-            run_state.save(engine, parts.checkpoint_dir, state, keep, device)
+            # checkpoint; a stop requested on any rank (SIGTERM / SIGUSR1; every rank agrees, one
+            # tiny all-reduce when world > 1) saves now, as if save_every said so, and leaves
+            stop = not last and guard.should_stop(device)
+            if (save_every and done % save_every == 0) or last or stop:
+                run_state.save(engine, parts.checkpoint_dir, state, keep, device)
+            if stop:
+                raise guard.preempted(done)  # engine.train.run exits with the requeue status
     if progress is not None:
         progress.close()

@@ -72,9 +72,14 @@ def _check_local(key: str, source: str) -> None:
 
 
 def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``, or the task's (in code).
+    """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``; with neither (the tiny model
+    on users' data), the byte-level tokenizer built in code (:mod:`engine.byte_tokenizer`), which
+    encodes any text and has a chat template.
 
-    ``key`` names the config group in error messages (``model``, ``reference``).
+    The embedded math task does not come here for its fresh tiny model: it builds its own
+    tokenizer (:mod:`engine.task.tokenizer`) and trains from its cached SFT model, whose
+    directory holds that tokenizer. ``key`` names the config group in error messages
+    (``model``, ``reference``).
     """
     field = "tokenizer" if model_cfg.get("tokenizer") else "name_or_path"
     source = model_cfg.get(field)
@@ -87,9 +92,9 @@ def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBas
         except OSError as error:
             raise OSError(f"{key}.{field}={source!r}: cannot load a tokenizer: {error}") from None
     else:
-        from engine.task.tokenizer import build_tokenizer
+        from engine.byte_tokenizer import build_byte_tokenizer
 
-        tokenizer = build_tokenizer()
+        tokenizer = build_byte_tokenizer()
     ensure_pad_token(tokenizer)
     return tokenizer
 

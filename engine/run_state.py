@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine import distributed as dist_utils
-from engine.checkpoint import latest_complete_step, load_checkpoint, save_checkpoint
+from engine.checkpoint import find_verified_step, load_checkpoint, save_checkpoint
 from engine.metrics import MetricsWindow
 
 log = logging.getLogger("engine.train")
@@ -59,14 +59,15 @@ def find_resume_step(trainer: Any, checkpoint_dir: Path) -> int | None:
     or None to start fresh.
 
     This is the one place that picks the checkpoint (``engine.train.train`` calls it once, before
-    the reference scores and :func:`restore`): verifying the newest save and falling back to an
-    older complete one belongs here, in place of :func:`engine.checkpoint.latest_complete_step`.
+    the reference scores and :func:`restore`): the newest complete save whose files match their
+    recorded sizes and checksums, else an older one (with a warning naming the damaged file);
+    :class:`engine.checkpoint.CheckpointError` when none does.
     """
     if trainer.get("resume") not in (None, "auto"):
         raise ValueError(f"trainer.resume must be null or 'auto', got {trainer.resume!r}")
     if trainer.get("resume") != "auto":
         return None
-    step = latest_complete_step(checkpoint_dir)
+    step = find_verified_step(checkpoint_dir)  # rank 0 reads the files, every rank gets it
     if step is not None and dist_utils.is_main():
         log.info("resuming from %s", checkpoint_dir / f"step_{step}")
     return step

@@ -27,12 +27,19 @@ from engine import distributed as dist_utils
 from engine.adapter_export import export_adapters
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
-from engine.config import build_deepspeed_config, build_objective, validate_config
+from engine.config import (
+    build_deepspeed_config,
+    build_objective,
+    resolve_batch,
+    validate_config,
+)
+from engine.evaluate import benchmark_evaluators
 from engine.fileio import atomic_write_json
 from engine.logprobs import SequenceLogProbs
 from engine.loop import LoopParts, run_loop
 from engine.modeling import load_model
 from engine.packing import PairLayout
+from engine.preemption import Preempted, exit_preempted
 from engine.reference import make_reference
 from engine.run_state import RunState, find_resume_step
 from engine.sources import PreparedData, prepare_data
@@ -45,10 +52,15 @@ log = logging.getLogger("engine.train")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
     started = time.time()
-    # setup: checks, the objective, the process group, the run directory, seeds, the device
-    objective, run_dir, device = _setup(cfg)
+    # setup: checks, the objective, the process group, the batch for its world size (grad_accum
+    # from trainer.global_batch), the run directory, seeds, the device
+    cfg, objective, run_dir, device = _setup(cfg)
+    # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
+    # read now, so a bad one fails before the data source builds anything
+    benchmarks = benchmark_evaluators(cfg)
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     data = prepare_data(cfg)
+    data.evaluators.extend(benchmarks)
     # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
     # engine.adapters), as a module that scores the sequences of a pair batch
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
@@ -73,11 +85,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reference.prepare(engine, run_dir, resume=resume_step is not None)
     # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
     state = run_state.restore(engine, checkpoint_dir, resume_step)
-    logger = (
-        MetricsLogger(run_dir, resume_step=resume_step, tensorboard=bool(cfg.trainer.tensorboard))
-        if dist_utils.is_main()
-        else None
-    )
+    # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only
+    logger = MetricsLogger.from_config(run_dir, cfg, resume_step) if dist_utils.is_main() else None
     # loop: forward, loss, backward, step, log, eval, checkpoint
     parts = LoopParts(
         trainer=cfg.trainer,
@@ -116,15 +125,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
+def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.device]:
     """Check the config and build the objective (before anything is created), then start the
-    process group, make the run directory with its config.yaml, seed, and pick the device."""
+    process group, resolve the batch for its world size (:func:`engine.config.resolve_batch`),
+    make the run directory with its config.yaml, seed, and pick the device. Returns the
+    resolved config, which the rest of the run reads."""
     validate_config(cfg)
     adapters.validate_adapter_config(cfg.model, cfg.deepspeed)
     objective = build_objective(cfg)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
     dist_utils.init_distributed()
+    cfg = resolve_batch(cfg, dist_utils.world_size())
     run_dir = _resolve_run_dir(cfg)
     if dist_utils.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -134,7 +146,7 @@ def _setup(cfg: DictConfig) -> tuple[PreferenceLoss, Path, torch.device]:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    return objective, run_dir, device
+    return cfg, objective, run_dir, device
 
 
 def _resolve_run_dir(cfg: DictConfig) -> Path:
@@ -198,11 +210,24 @@ def _results(
         "world_size": dist_utils.world_size(),
         "wall_seconds": time.time() - started,
         "train": {k.split("/", 1)[1]: v for k, v in state.last_train.items()},
-        "eval": {k.split("/", 1)[1]: v for k, v in state.last_eval.items()},
+        "eval": _nested({k.split("/", 1)[1]: v for k, v in state.last_eval.items()}),
         "data": data.reports(),
     }
     results.update(data.extra_results)
     return results
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"benchmarks/math500/accuracy": v}`` -> ``{"benchmarks": {"math500": {"accuracy": v}}}``
+    (metrics are logged flat; results.json reads ``eval.benchmarks.<name>.accuracy``)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
 
 
 def _summary_line(results: dict[str, Any]) -> str:
@@ -239,9 +264,13 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_st
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """``train`` with failure reporting for sweeps: a crash writes ``failed.json`` (error and
-    traceback) in the run directory before re-raising, so a sweep's summary can list it."""
+    traceback) in the run directory before re-raising, so a sweep's summary can list it. A stop
+    signal (:mod:`engine.preemption`) is no failure: after its checkpoint the process exits for
+    a requeue (status 75, or submitit's own requeue under ``hydra/launcher=slurm``)."""
     try:
         return train(cfg)
+    except Preempted as stop:  # checkpoint complete: exit for a requeue (engine/preemption.py)
+        exit_preempted(stop, requeue=cfg.trainer.get("resume") == "auto")
     except Exception as error:
         if dist_utils.is_main():
             try:

@@ -1,8 +1,8 @@
-"""Small statistics for ablation tables: summaries, Student's t quantile, paired gains.
+"""Small statistics for ablation tables: summaries and paired gains with t confidence intervals.
 
-Pure Python (math only): no scipy. The t quantile inverts the t CDF, which is written with the
-regularized incomplete beta function (Numerical Recipes, 3rd ed., section 6.4, continued fraction
-evaluated with the modified Lentz method).
+Student's t quantile comes from ``scipy.stats.t``; this module keeps only what scipy does not do
+in one call: a summary that tolerates n < 2 (nan instead of a warning) and the paired difference of
+two runs-by-seed mappings over the seeds they share, with its interval.
 """
 
 from __future__ import annotations
@@ -11,16 +11,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = [
-    "PairedGain",
-    "Summary",
-    "betainc",
-    "normal_quantile",
-    "paired_gain",
-    "summarize",
-    "t_cdf",
-    "t_quantile",
-]
+from scipy.stats import t as student_t
+
+__all__ = ["PairedGain", "Summary", "paired_gain", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -55,101 +48,6 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(mean, math.sqrt(var), n)
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c = 1.0
-    d = 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc: x must be in [0, 1], got {x}")
-    if x in (0.0, 1.0):
-        return x
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(log_front)
-    # The continued fraction converges fast for x < (a + 1) / (a + b + 2); use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t distribution with `df` > 0 degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"t_cdf: df must be > 0, got {df}")
-    if math.isinf(df):
-        return 0.5 * math.erfc(-t / math.sqrt(2.0))
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t >= 0 else tail
-
-
-def _invert(cdf, p: float) -> float:
-    """Solve cdf(x) = p for a continuous increasing cdf by bracketing and bisection."""
-    lo, hi = -1.0, 1.0
-    while cdf(lo) > p:
-        lo *= 2.0
-    while cdf(hi) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * max(1.0, abs(mid)):
-            break
-    return 0.5 * (lo + hi)
-
-
-def normal_quantile(p: float) -> float:
-    """Quantile of the standard normal distribution (0 < p < 1)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"normal_quantile: p must be in (0, 1), got {p}")
-    return _invert(lambda x: 0.5 * math.erfc(-x / math.sqrt(2.0)), p)
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t: the x with P(T <= x) = p; e.g. t_quantile(0.975, 2) = 4.303.
-
-    `df` may be any positive real, or math.inf (the normal distribution).
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
-    if df <= 0:
-        raise ValueError(f"t_quantile: df must be > 0, got {df}")
-    if p == 0.5:
-        return 0.0
-    if math.isinf(df):
-        return normal_quantile(p)
-    return _invert(lambda x: t_cdf(x, df), p)
-
-
 def paired_gain(
     baseline: Mapping[object, float],
     treatment: Mapping[object, float],
@@ -161,10 +59,13 @@ def paired_gain(
     mean ± t_{(1+confidence)/2, n-1} * sd / sqrt(n). With one pair the interval is nan; with none
     the mean is nan too.
     """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"paired_gain: confidence must be in (0, 1), got {confidence}")
     common = [k for k in treatment if k in baseline]
     diffs = [treatment[k] - baseline[k] for k in common]
     s = summarize(diffs)
     if s.n < 2:
         return PairedGain(s.mean, math.nan, math.nan, s.n, confidence)
-    half = t_quantile(0.5 + confidence / 2.0, s.n - 1) * s.std / math.sqrt(s.n)
+    quantile = float(student_t.ppf(0.5 + confidence / 2.0, s.n - 1))
+    half = quantile * s.std / math.sqrt(s.n)
     return PairedGain(s.mean, s.mean - half, s.mean + half, s.n, confidence)

@@ -1,61 +1,32 @@
-"""Generating answers from the policy: greedy (evaluation) and sampled (pair building)."""
+"""The embedded task on the generic generation parts: greedy accuracy and verified pairs.
+
+The task supplies its problems, its prompt format (the bare prompt, no chat template), its
+tokenizer and its verifier (``arithmetic`` in ``engine.verifiers.VERIFIERS``); generation,
+verification and pairing are the same code that evaluates and samples from any model
+(:mod:`engine.evaluate`, :mod:`engine.pairing`).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.task.arithmetic import Problem, verify
+from engine.evaluate import generate_and_judge, summarize
+from engine.generation import HFBackend, PromptFormat
+from engine.pairing import build_pairs
+from engine.task.arithmetic import Problem
+
+#: the task's prompt is the problem itself ("4721+958="), tokenized with BOS
+TASK_PROMPT = PromptFormat(system=None, user="{problem}", chat_template=False)
+VERIFIER = "arithmetic"
+#: generation budget: the longest solution (5 digits) is under 70 tokens
+MAX_NEW_TOKENS = 80
 
 
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 256,
-    temperature: float = 0.0,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> list[str]:
-    """One completion per prompt (greedy when ``temperature == 0``), decoded without specials.
-
-    Prompts are left-padded so that every row's new tokens start at the same column; generation
-    stops at EOS. Sampling is seeded, so the same call gives the same completions.
-    """
-    was_training = model.training
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    completions: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
-            ).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-                **(sampling if temperature > 0 else {"do_sample": False}),
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-        torch.set_rng_state(generator_state)
-        model.train(was_training)
-    return completions
+def _items(problems: Sequence[Problem]) -> list[tuple[str, str]]:
+    return [(p.prompt, str(p.answer)) for p in problems]
 
 
 def greedy_accuracy(
@@ -63,15 +34,53 @@ def greedy_accuracy(
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[Problem],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Greedy accuracy on ``problems`` with its binomial standard error, and the count."""
-    answers = generate(
-        model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens, device=device
+    """Greedy accuracy on ``problems`` (``accuracy``), its binomial standard error
+    (``accuracy_stderr``) and the count (``n``)."""
+    records = generate_and_judge(
+        HFBackend(model, tokenizer, device),
+        tokenizer,
+        _items(problems),
+        prompt=TASK_PROMPT,
+        verifier=VERIFIER,
+        max_new_tokens=max_new_tokens,
     )
-    correct = sum(verify(p, a) for p, a in zip(problems, answers, strict=True))
-    n = len(problems)
-    accuracy = correct / n if n else float("nan")
-    stderr = math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
-    return {"accuracy": accuracy, "accuracy_stderr": stderr, "n": float(n)}
+    summary = summarize(records)
+    return {
+        "accuracy": summary["accuracy"],
+        "accuracy_stderr": summary["stderr"],
+        "n": float(summary["n"]),
+    }
+
+
+def task_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    *,
+    samples_per_prompt: int,
+    temperature: float,
+    seed: int,
+) -> tuple[list[dict[str, str]], dict[str, float]]:
+    """Sample, verify and pair (:func:`engine.pairing.build_pairs`): one (correct, wrong) pair
+    per prompt that has both.
+
+    Returns the rows (``prompt``, ``chosen``, ``rejected``, ``answer``) and counts: prompts,
+    pairs, sample accuracy, prompts with all samples correct / all wrong.
+    """
+    rows, counts = build_pairs(
+        HFBackend(model, tokenizer),
+        tokenizer,
+        _items(problems),
+        prompt=TASK_PROMPT,
+        verifier=VERIFIER,
+        samples_per_prompt=samples_per_prompt,
+        temperature=temperature,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=seed,
+    )
+    stats = counts.to_dict()
+    keys = ("prompts", "pairs", "sample_accuracy", "all_correct_prompts", "all_wrong_prompts")
+    return rows, {key: stats[key] for key in keys}

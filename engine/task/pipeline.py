@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,16 +36,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data import write_jsonl
 from engine.fileio import atomic_write_json
-from engine.task.arithmetic import Problem, split_problems, verify
-from engine.task.generation import generate, greedy_accuracy
+from engine.task.arithmetic import Problem, split_problems
+from engine.task.generation import MAX_NEW_TOKENS, greedy_accuracy, task_pairs
 
 log = logging.getLogger(__name__)
 
 #: bump when the format of the cached assets changes, so old caches are not reused
 CACHE_VERSION = 1
 COMPLETE = "COMPLETE"
-#: generation budget: the longest solution (5 digits) is under 70 tokens
-MAX_NEW_TOKENS = 80
 
 
 def default_cache_root() -> Path:
@@ -163,7 +160,8 @@ def prepare_math_task(cfg: DictConfig) -> MathTask:
 
 
 def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None:
-    from engine.modeling import load_model, load_tokenizer
+    from engine.modeling import load_model
+    from engine.task.tokenizer import build_tokenizer
 
     started = time.time()
     for stale in final.parent.glob(f"{final.name}.building-*"):  # left by a killed build
@@ -179,9 +177,7 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
 
     data = cfg.data
     seed = int(data.problems.task_seed)
-    tokenizer = load_tokenizer(
-        OmegaConf.merge(cfg.model, {"name_or_path": None, "tokenizer": None})
-    )
+    tokenizer = build_tokenizer()  # the task's own 23 tokens, saved with its SFT model
     model = load_model(
         OmegaConf.merge(cfg.model, {"name_or_path": None, "dtype": "float32"}), tokenizer, seed=seed
     )
@@ -219,7 +215,7 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
         ("train", sets["pairs"], "train_pairs.jsonl"),
         ("eval", sets["eval_pairs"], "eval_pairs.jsonl"),
     ):
-        rows, stats = build_pairs(
+        rows, stats = task_pairs(
             model,
             tokenizer,
             problems,
@@ -245,53 +241,3 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
     )
     (work / COMPLETE).write_text("ok\n")
     os.replace(work, final)
-
-
-def build_pairs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: list[Problem],
-    *,
-    samples_per_prompt: int,
-    temperature: float,
-    seed: int,
-) -> tuple[list[dict[str, str]], dict[str, float]]:
-    """Sample, verify and pair: one (correct, wrong) pair per prompt that has both.
-
-    Returns the rows (``prompt``, ``chosen``, ``rejected``, plus ``answer`` for reference) and
-    counts: prompts, pairs, sample accuracy, prompts with all samples correct / all wrong.
-    """
-    prompts = [p.prompt for p in problems for _ in range(samples_per_prompt)]
-    samples = generate(
-        model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, seed=seed
-    )
-    rng = random.Random(seed)
-    rows: list[dict[str, str]] = []
-    all_correct = all_wrong = correct_total = 0
-    for i, problem in enumerate(problems):
-        mine = samples[i * samples_per_prompt : (i + 1) * samples_per_prompt]
-        correct = sorted({s for s in mine if verify(problem, s)})
-        wrong = sorted({s for s in mine if not verify(problem, s) and s.strip()})
-        correct_total += sum(verify(problem, s) for s in mine)
-        if not correct:
-            all_wrong += 1
-            continue
-        if not wrong:
-            all_correct += 1
-            continue
-        rows.append(
-            {
-                "prompt": problem.prompt,
-                "chosen": rng.choice(correct),
-                "rejected": rng.choice(wrong),
-                "answer": str(problem.answer),
-            }
-        )
-    stats = {
-        "prompts": len(problems),
-        "pairs": len(rows),
-        "sample_accuracy": correct_total / max(1, len(samples)),
-        "all_correct_prompts": all_correct,
-        "all_wrong_prompts": all_wrong,
-    }
-    return rows, stats

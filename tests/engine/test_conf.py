@@ -20,6 +20,7 @@ from engine.config import (
     ConfigError,
     build_deepspeed_config,
     build_objective,
+    grad_accum_steps,
     validate_config,
 )
 from engine.modeling import resolve_dtype
@@ -118,7 +119,7 @@ def test_every_option_composes_and_builds(compose_config, group, option):
 
     dtype = resolve_dtype(str(cfg.model.dtype))
     ds = build_deepspeed_config(cfg, model_dtype=dtype, world_size=1)
-    micro, accum = int(cfg.trainer.micro_batch_size), int(cfg.trainer.grad_accum)
+    micro, accum = int(cfg.trainer.micro_batch_size), grad_accum_steps(cfg.trainer, 1)
     assert ds["train_batch_size"] == micro * accum
     assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
     assert ds["bf16"]["enabled"] == (dtype == torch.bfloat16)

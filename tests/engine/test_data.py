@@ -78,9 +78,10 @@ def ids(tokenizer, text: str) -> list[int]:
 
 
 def write_lines(path, rows) -> str:
-    """JSONL fixture; a str row is written verbatim (for malformed lines)."""
-    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
+    """JSONL fixture; a str or bytes row is written verbatim (for malformed lines)."""
+    text = [row if isinstance(row, str | bytes) else json.dumps(row) for row in rows]
+    lines = [row if isinstance(row, bytes) else row.encode() for row in text]
+    path.write_bytes(b"\n".join(lines) + b"\n")
     return str(path)
 
 
@@ -312,6 +313,11 @@ def test_truncation_bad_rows(tmp_path, tok, row, options, reason, message) -> No
 # ---- bad rows ------------------------------------------------------------------------------------
 
 BAD_ROWS = [
+    (
+        b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}',  # Latin-1, not UTF-8
+        "invalid_utf8",
+        r"not valid UTF-8 \(byte 0xe9 at column 16\)",
+    ),
     ('{"prompt": "a", "chosen": ', "invalid_json", r"invalid JSON \("),
     ("[1, 2]", "not_an_object", r"expected a JSON object, got list"),
     (
@@ -353,6 +359,29 @@ def test_bad_rows_are_counted_when_skipped(tmp_path, chat_tok, row, reason, mess
     pairs, report = load_pairs(source, chat_tok, on_bad_row="skip")
     assert [p.where for p in pairs] == [f"{source}: line 1", f"{source}: line 3"]
     assert (report.rows_read, report.pairs, report.skipped) == (3, 2, {reason: 1})
+
+
+def test_json_file_that_is_not_utf8_names_line_and_offset(tmp_path, tok) -> None:
+    path = tmp_path / "data.json"
+    path.write_bytes(b'[\n{"prompt": "a", "chosen": "b", "rejected": "c"},\n{"prompt": "\xff"}]')
+    offset = path.read_bytes().index(b"\xff")
+    for mode in ("error", "skip"):  # a JSON file cannot be parsed around the bad byte
+        with pytest.raises(
+            ValueError,
+            match=rf"data\.json: line 3: not valid UTF-8 \(byte 0xff at byte offset "
+            rf"{offset}, column 13\)",
+        ):
+            load_pairs(str(path), tok, on_bad_row=mode)
+
+
+def test_json_lines_named_json_skip_their_non_utf8_line(tmp_path, tok) -> None:
+    path = tmp_path / "lines.json"
+    row = json.dumps(ROW).encode()
+    path.write_bytes(row + b'\n{"prompt": "\xff"}\n' + row)
+    with pytest.raises(BadRowError, match=r"lines\.json: line 2: not valid UTF-8"):
+        load_pairs(str(path), tok)
+    _, report = load_pairs(str(path), tok, on_bad_row="skip")
+    assert (report.rows_read, report.pairs, report.skipped) == (3, 2, {"invalid_utf8": 1})
 
 
 def test_bad_rows_in_other_sources_are_named_by_index(tmp_path, tok) -> None:

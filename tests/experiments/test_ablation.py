@@ -27,7 +27,7 @@ import yaml
 
 from experiments import ablation
 from experiments.ablation import AblationError, build_tables, collect_runs, main, write_report
-from experiments.stats import betainc, paired_gain, summarize, t_cdf, t_quantile
+from experiments.stats import paired_gain, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 LOSSES = ["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"]
@@ -136,21 +136,24 @@ def sweep(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("p", "df", "expected"),
-    [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 10, 2.228), (0.975, 30, 2.042),
-     (0.995, 5, 4.032), (0.95, 20, 1.725), (0.025, 2, -4.303), (0.975, math.inf, 1.960)],
+    ("confidence", "n", "t_table"),
+    [(0.95, 2, 12.706), (0.95, 3, 4.303), (0.95, 11, 2.228), (0.95, 31, 2.042),
+     (0.99, 6, 4.032), (0.90, 21, 1.725)],
 )  # fmt: skip
-def test_t_quantile_matches_tables(p: float, df: float, expected: float) -> None:
-    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-3)
+def test_paired_gain_interval_uses_the_t_table(confidence: float, n: int, t_table: float) -> None:
+    """Differences alternating 0 and 2 (mean 1): the half width is t_{n-1} * sd / sqrt(n)."""
+    treatment = {seed: 2.0 * (seed % 2) for seed in range(n)}
+    gain = paired_gain(dict.fromkeys(range(n), 0.0), treatment, confidence)
+    sd = summarize(list(treatment.values())).std
+    half = t_table * sd / math.sqrt(n)
+    assert gain.n == n and gain.confidence == confidence
+    assert gain.ci_high - gain.mean == pytest.approx(half, abs=1e-3 * sd / math.sqrt(n))
+    assert gain.mean - gain.ci_low == pytest.approx(gain.ci_high - gain.mean)
 
 
-def test_t_distribution_sanity() -> None:
-    assert t_quantile(0.5, 7) == 0.0
-    assert t_cdf(t_quantile(0.9, 3.5), 3.5) == pytest.approx(0.9, abs=1e-10)
-    assert t_quantile(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)
-    assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-4)  # 1 - sum binomial terms
-    with pytest.raises(ValueError, match="df"):
-        t_quantile(0.975, 0)
+def test_paired_gain_rejects_a_confidence_outside_0_1() -> None:
+    with pytest.raises(ValueError, match="confidence"):
+        paired_gain({1: 0.0, 2: 1.0}, {1: 1.0, 2: 1.0}, confidence=95)
 
 
 def test_summarize_and_paired_gain_by_hand() -> None:

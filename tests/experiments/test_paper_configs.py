@@ -24,7 +24,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from engine.batching import StepSampler
-from engine.config import ConfigError, build_deepspeed_config, build_objective, validate_config
+from engine.config import (
+    ConfigError,
+    build_deepspeed_config,
+    build_objective,
+    grad_accum_steps,
+    validate_config,
+)
 from engine.data import load_pairs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +88,7 @@ def test_math_pairs_data_config(compose_config) -> None:
 
 
 def test_paper_ablation_needs_a_train_file(compose_config) -> None:
-    cfg = compose_config(["+experiment=paper_ablation"])
+    cfg = compose_config(["+experiment=paper_ablation", "benchmark=[]"])
     with pytest.raises(ConfigError, match=r"data\.train"):
         validate_config(cfg)
 
@@ -96,7 +102,9 @@ def test_paper_ablation_defaults_to_the_headline_model(compose_config) -> None:
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
 def test_paper_ablation_resolves_the_paper_hyperparameters(compose_config, name: str) -> None:
-    cfg = compose_config(["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl"])
+    cfg = compose_config(
+        ["+experiment=paper_ablation", f"model={name}", "data.train=pairs.jsonl", "benchmark=[]"]
+    )
     validate_config(cfg)
     assert cfg.model.name_or_path == PAPER_MODELS[name][0]  # the command line's model= wins
     assert cfg.model.dtype == "bfloat16"
@@ -107,23 +115,22 @@ def test_paper_ablation_resolves_the_paper_hyperparameters(compose_config, name:
     assert trainer.lr_schedule == "constant"
     assert trainer.warmup_ratio == pytest.approx(0.03)
     assert trainer.max_steps is None and trainer.epochs == 2
-    assert (trainer.micro_batch_size, trainer.grad_accum) == (1, 8)
+    assert (trainer.micro_batch_size, trainer.grad_accum, trainer.global_batch) == (1, None, 8)
+    assert [grad_accum_steps(trainer, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2048, 256)
     # the paper's QLoRA (+experiment=paper_bpo's recipe), one GPU per cell
     assert cfg.model.quantization == "4bit" and (cfg.model.lora.r, cfg.model.lora.alpha) == (16, 16)
     assert cfg.deepspeed.zero_optimization.stage == 0
 
-    # what DeepSpeed gets: bf16, the paper's global batch of 8 (1 x 8 on one GPU, and on 8 GPUs
-    # with grad_accum=1)
+    # what DeepSpeed gets: bf16, the paper's global batch of 8 (1 x 8 on one GPU, and 1 x 1 on
+    # 8 GPUs, grad_accum derived from trainer.global_batch)
     ds = build_deepspeed_config(cfg, model_dtype=torch.bfloat16, world_size=1)
     assert ds["zero_optimization"]["stage"] == 0
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["train_batch_size"] == 8
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(5e-6)
-    eight = compose_config(
-        ["+experiment=paper_ablation", f"model={name}", "data.train=x", "trainer.grad_accum=1"]
-    )
-    assert build_deepspeed_config(eight, torch.bfloat16, world_size=8)["train_batch_size"] == 8
+    on_eight = build_deepspeed_config(cfg, torch.bfloat16, world_size=8)
+    assert (on_eight["train_batch_size"], on_eight["gradient_accumulation_steps"]) == (8, 1)
     # 2 epochs: with 28k pairs at global batch 8, 3500 steps per epoch
     assert 2 * StepSampler(28_000, 1, 8, 1, seed=0).steps_per_epoch == 7_000
 
@@ -428,6 +435,7 @@ def test_shrunk_paper_model_trains_under_zero3(
     cfg = compose_config(
         [
             "+experiment=paper_ablation",
+            "benchmark=[]",  # no benchmark files here (the paper's five need generation)
             f"model={name}",
             f"model.name_or_path={model_dir}",
             f"model.dtype={dtype}",
@@ -440,7 +448,7 @@ def test_shrunk_paper_model_trains_under_zero3(
             f"data.eval={pairs}",
             "trainer.max_steps=2",
             "trainer.micro_batch_size=2",
-            "trainer.grad_accum=2",
+            "trainer.global_batch=4",  # 2 micro steps of 2 pairs
             "trainer.log_every=1",
             "trainer.threads=1",
             "trainer.progress_bar=false",

@@ -79,6 +79,21 @@ def task_config(compose_config) -> Callable[..., DictConfig]:
 
 
 @pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, task_config):
+    """One real build on the tiny budget, under its own XDG_CACHE_HOME (data.cache_dir null),
+    shared by the modules that need a trained SFT model: ``(cfg, task, xdg)``."""
+    from engine.task.pipeline import prepare_math_task
+
+    xdg = tmp_path_factory.mktemp("xdg-tiny")
+    cfg = task_config(*TINY_TASK)
+    assert cfg.data.cache_dir is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(xdg))
+        task = prepare_math_task(cfg)
+    return cfg, task, xdg
+
+
+@pytest.fixture(scope="session")
 def tiny_task_overrides() -> tuple[str, ...]:
     return TINY_TASK
 

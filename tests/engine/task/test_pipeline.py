@@ -19,12 +19,14 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.data import load_pairs, write_jsonl
+from engine.generation import HFBackend
 from engine.task import pipeline
 from engine.task.arithmetic import Problem, solution, verify
+from engine.task.generation import MAX_NEW_TOKENS
+from engine.task.generation import task_pairs as build_pairs
 from engine.task.pipeline import (
     COMPLETE,
     _problem_sets,
-    build_pairs,
     cache_key,
     default_cache_root,
     prepare_math_task,
@@ -43,18 +45,6 @@ def _tree_mtimes(root: Path) -> dict[str, int]:
 
 def _leftovers(cache_root: Path) -> list[Path]:
     return sorted(cache_root.glob("*.building-*"))
-
-
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory, task_config, tiny_task_overrides):
-    """One real build on the tiny budget, under its own XDG_CACHE_HOME (data.cache_dir null)."""
-    xdg = tmp_path_factory.mktemp("xdg-tiny")
-    cfg = task_config(*tiny_task_overrides)
-    assert cfg.data.cache_dir is None
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(xdg))
-        task = prepare_math_task(cfg)
-    return cfg, task, xdg
 
 
 # ---- what a build writes -----------------------------------------------------------------------
@@ -141,6 +131,25 @@ def test_written_pairs_are_verified_and_load_like_user_data(tiny_build) -> None:
                 assert getattr(pair, f"{key}_ids") == [*ids, tokenizer.eos_token_id]
 
 
+EXPECTED = json.loads((Path(__file__).parent / "data" / "tiny_task_expected.json").read_text())
+
+
+def test_the_generic_parts_give_the_numbers_of_the_former_implementation(tiny_build) -> None:
+    """Requirement: the task's accuracy and pairs run on engine.evaluate / engine.pairing and do
+    not change. The expected values were captured from the task's own implementation before
+    (commit 66e5ac4) on this build: same SFT model, same accuracy, same pairs, same cache key
+    (so existing caches stay valid)."""
+    cfg, task, _ = tiny_build
+    assert cache_key(cfg) == EXPECTED["cache_key"]
+    assert task.sft_summary["chosen_step"] == EXPECTED["sft_chosen_step"]
+    assert task.sft_summary["accuracy"] == EXPECTED["sft_accuracy"]
+    assert task.sft_summary["accuracy_stderr"] == EXPECTED["sft_accuracy_stderr"]
+    assert _read_jsonl(task.train_file) == EXPECTED["train_pairs"]
+    assert _read_jsonl(task.eval_file) == EXPECTED["eval_pairs"]
+    summary = json.loads((task.root / "summary.json").read_text())
+    assert summary["pairs"] == EXPECTED["pair_stats"]
+
+
 # ---- build_pairs, with answers known in advance ------------------------------------------------
 
 SCRIPTED = [Problem(10 + i, 3 * i, "+") for i in range(8)] + [
@@ -187,11 +196,9 @@ def test_build_pairs_pairs_a_correct_with_a_wrong_sample(scripted_model, tokeniz
         assert row["answer"] == str(problem.answer)
     assert prompts == [p.prompt for p in SCRIPTED if p.prompt in prompts]  # problem order
     # sample accuracy counts every sample: re-derive it from the same seeded draws
-    samples = pipeline.generate(
-        scripted_model(_scripted_answer),
-        tokenizer,
+    samples = HFBackend(scripted_model(_scripted_answer), tokenizer).generate(
         [p.prompt for p in SCRIPTED for _ in range(6)],
-        max_new_tokens=pipeline.MAX_NEW_TOKENS,
+        max_new_tokens=MAX_NEW_TOKENS,
         temperature=1.0,
         seed=3,
     )
