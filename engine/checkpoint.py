@@ -248,8 +248,15 @@ def save_checkpoint(
         shutil.rmtree(step_dir)
     dist_utils.barrier()
     # DeepSpeed's own `latest` is written non-atomically: we keep ours instead
+    # frozen parameters (an adapter run's base) are rebuilt from their source on resume, never
+    # saved: ZeRO-1/2 would store a 4-bit base that bitsandbytes' CPU kernels have repacked, which
+    # no longer fits a fresh model's shape; full fine-tuning has none, so nothing changes there
     engine.save_checkpoint(
-        str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False
+        str(checkpoint_dir),
+        tag=tag,
+        client_state=client_state,
+        save_latest=False,
+        exclude_frozen_parameters=True,
     )
     torch.save(_rng_state(), step_dir / f"rng_rank{dist_utils.rank()}.pt")
     dist_utils.barrier()  # every rank's files are on disk before they are listed

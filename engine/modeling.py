@@ -16,6 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from engine import adapters as adapter_lib
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,11 +100,26 @@ def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBas
 
 
 def load_model(
-    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int = 0, key: str = "model"
+    model_cfg: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    key: str = "model",
+    *,
+    adapters: bool = False,
 ) -> PreTrainedModel:
     """The policy: ``AutoModelForCausalLM.from_pretrained(model.name_or_path)`` when set, else a
-    tiny Llama with random weights (seeded) built from ``model.tiny``."""
+    tiny Llama with random weights (seeded) built from ``model.tiny``.
+
+    ``adapters=True`` (the policy being trained) applies ``model.quantization`` while loading and
+    returns the base wrapped in its LoRA adapters (``model.lora`` / ``model.adapter``, a peft
+    ``PeftModel``: :mod:`engine.adapters`); without it the plain base is returned, whatever the
+    adapter keys say (the SFT stage, a separate reference, the export's merge base).
+    """
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")))
+    qconfig = None
+    if adapters:
+        adapter_lib.validate_adapter_config(model_cfg)
+        qconfig = adapter_lib.quantization_config(model_cfg, dtype)
     if model_cfg.get("name_or_path"):
         source = str(model_cfg["name_or_path"])
         _check_local(f"{key}.name_or_path", source)
@@ -112,12 +129,15 @@ def load_model(
                 dtype=dtype,
                 trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
                 attn_implementation=model_cfg.get("attn_implementation") or None,
+                **({"quantization_config": qconfig} if qconfig is not None else {}),
             )
         except OSError as error:
             raise OSError(f"{key}.name_or_path={source!r}: cannot load a model: {error}") from None
     else:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(tokenizer, model_cfg["tiny"])).to(dtype)
+        if qconfig is not None:
+            model = adapter_lib.quantize_in_memory(model, qconfig)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
@@ -133,4 +153,8 @@ def load_model(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     model.config.use_cache = False
+    if qconfig is not None and not torch.cuda.is_available():
+        adapter_lib.check_cpu_quantized_shapes(model)
+    if adapters and adapter_lib.adapters_enabled(model_cfg):
+        model = adapter_lib.attach_adapters(model, model_cfg)
     return model

@@ -10,7 +10,9 @@ pairs) and :meth:`Reference.eval_scores` (every eval pair, in order). Which one 
 - ``precompute`` with ``reference.name_or_path``: the same, from a separate model, which is loaded
   once for that pass and then dropped;
 - ``live`` (``reference.precompute=false``): a frozen scorer kept in memory and run on every micro
-  batch: a copy of the initial policy, or the separate model (loaded once);
+  batch: a copy of the initial policy, or the separate model (loaded once); with adapters
+  (:mod:`engine.adapters`), the policy itself with its adapters disabled (fresh adapters start as
+  the base: no copy), or a frozen base + ``model.adapter`` when training continues an adapter;
 - ``none``: a reference-free objective (``requirements.needs_reference`` false): zero scores, no
   scoring pass, no model loaded.
 
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from engine import adapters
 from engine import distributed as dist_utils
 from engine.data import TokenizedPair
 from engine.fileio import atomic_open
@@ -188,6 +191,16 @@ def make_reference(
         return PrecomputedReference(*common, load_scorer=separate)
     if separate is not None:
         return LiveReference(*common, scorer=separate())
+    if adapters.adapters_enabled(data.model_cfg):
+        if data.model_cfg.get("adapter"):
+            # the initial policy is base + that adapter (not the bare base: LLaMA-Factory #8459),
+            # and the policy's copy of it trains: a second, frozen copy is loaded
+            initial = load_model(data.model_cfg, data.tokenizer, int(cfg.seed), adapters=True)
+            return LiveReference(
+                *common, scorer=frozen_scorer(adapters.unwrap(initial).to(device), trainer)
+            )
+        # fresh adapters: the initial policy is the base, i.e. the policy with adapters disabled
+        return LiveReference(*common, scorer=adapters.disabled_adapter_scorer(model, trainer))
     # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
     frozen = copy.deepcopy(model).to(device)
     return LiveReference(*common, scorer=frozen_scorer(frozen, trainer, tails))

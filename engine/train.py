@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from engine import adapters, run_state
 from engine import distributed as dist_utils
-from engine import run_state
+from engine.adapter_export import export_adapters
 from engine.batching import StepSampler, step_sampler
 from engine.checkpoint import export_hf_model
 from engine.config import (
@@ -69,10 +70,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extras = PairExtras.for_objective(
         needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
     )
-    # model: the policy, as a module that scores the sequences of a pair batch
-    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed))
+    # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
+    # engine.adapters), as a module that scores the sequences of a pair batch
+    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
     policy = SequenceLogProbs(
-        model,
+        adapters.unwrap(model),
         chunk_size=int(cfg.trainer.logit_chunk_size),
         keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
         chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
@@ -126,9 +128,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_loop(parts, state)
     clock.lap("train")
     clock.move(state.eval_seconds, "train", "eval")
-    # export: the final model in Hugging Face format
+    # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge)
     if cfg.trainer.get("export", True):
-        export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
+        _export(cfg, engine, model, data, run_dir)
     clock.lap("export")
     # results: results.json (rank 0) and the closing console line
     results = _results(cfg, data, state, total_steps, started, clock.seconds())
@@ -140,12 +142,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _export(
+    cfg: DictConfig, engine: Any, model: torch.nn.Module, data: PreparedData, run_dir: Path
+) -> None:
+    """``final_model/`` (every rank takes part: ZeRO-3 gathers); with adapters also
+    ``final_adapter/``, and ``final_model/`` is the adapter merged into the unquantized base."""
+    if adapters.adapters_enabled(data.model_cfg):
+        export_adapters(
+            engine,
+            model,
+            data.tokenizer,
+            run_dir,
+            load_base=lambda: load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed)),
+        )
+    else:
+        export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
+
+
 def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.device]:
     """Check the config and build the objective (before anything is created), then start the
     process group, resolve the batch for its world size (:func:`engine.config.resolve_batch`),
     make the run directory with its config.yaml, seed, and pick the device. Returns the
     resolved config, which the rest of the run reads."""
     validate_config(cfg)
+    adapters.validate_adapter_config(cfg.model, cfg.deepspeed)
     objective = build_objective(cfg)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))

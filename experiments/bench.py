@@ -21,6 +21,10 @@ Variants:
 - ``trl-fast``: TRL's fastest honest settings: ``precompute_ref_log_probs=True``,
   ``gradient_checkpointing=False``.
 - the ablations: ``ours`` with one speed switch flipped each (``conf/trainer/default.yaml``).
+- the adapter rows (``ADAPTERS``; ``--no-adapters`` skips them): ours with LoRA and with QLoRA
+  (``model.lora`` / ``model.quantization=4bit``) beside TRL's ``DPOTrainer`` with the same peft
+  ``LoraConfig`` as its ``peft_config`` (and the same 4-bit base), plus ours with every weight
+  trained, all on one model whose MLP width bitsandbytes' CPU kernels accept (``adapter_size``).
 
 The report (``experiments/results/bench.md``, written atomically) has medians over runs of pairs/s,
 response tokens/s, peak memory (RSS on CPU, max allocated on GPU), their ratios against TRL, and
@@ -41,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,8 @@ class Variant:
     overrides: tuple[str, ...] = ()  # ours: Hydra overrides
     trl: dict[str, Any] = field(default_factory=dict)  # trl: DPOConfig settings
     note: str = ""
+    peft: dict[str, Any] = field(default_factory=dict)  # trl: a peft LoraConfig (peft_config)
+    quantization: str | None = None  # trl: the base loaded in 4bit / 8bit (bitsandbytes)
 
 
 MAIN = (
@@ -113,6 +119,58 @@ ABLATIONS = (
 )
 
 
+#: LoRA r 16, alpha 16 (the paper's) on every linear layer of the decoder blocks, no dropout:
+#: ours through model.lora, TRL through the same peft LoraConfig as its peft_config
+LORA = {
+    "r": 16,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+_OURS_LORA = (
+    f"model.lora={{r: {LORA['r']}, alpha: {LORA['lora_alpha']}, dropout: {LORA['lora_dropout']}, "
+    f"target_modules: [{', '.join(LORA['target_modules'])}], modules_to_save: null}}"
+)
+#: TRL's fastest honest settings (trl-fast's) for its adapter rows too
+_TRL_FAST = {"precompute_ref_log_probs": True, "gradient_checkpointing": False}
+
+ADAPTERS = (
+    Variant("ours full", "ours", note="all weights, on the adapter rows' model"),
+    Variant("ours lora", "ours", (_OURS_LORA,), note="model.lora: r 16, alpha 16"),
+    Variant(
+        "trl lora",
+        "trl",
+        trl=_TRL_FAST,
+        peft=LORA,
+        note="peft_config = the same LoraConfig; reference = adapters disabled (precomputed)",
+    ),
+    Variant(
+        "ours qlora",
+        "ours",
+        (_OURS_LORA, "model.quantization=4bit"),
+        note="4-bit NF4 base, double quantization",
+    ),
+    Variant(
+        "trl qlora",
+        "trl",
+        trl=_TRL_FAST,
+        peft=LORA,
+        quantization="4bit",
+        note="the same LoraConfig on the same BitsAndBytesConfig base",
+    ),
+)
+# bitsandbytes' CPU 4-bit kernels need layer widths that are multiples of 64
+# (engine.adapters.CPU_4BIT_IN_MULTIPLE): the adapter rows use the bench size with its MLP width
+# rounded up to one (small 688 -> 704, large 1376 -> 1408), for ours and TRL alike
+ADAPTER_WIDTH_MULTIPLE = 64
+
+
+def adapter_size(size: setup.ModelSize) -> setup.ModelSize:
+    """The model of the adapter rows: ``size`` with an MLP width the 4-bit CPU kernels run."""
+    width = -(-size.intermediate_size // ADAPTER_WIDTH_MULTIPLE) * ADAPTER_WIDTH_MULTIPLE
+    return replace(size, intermediate_size=width)
+
+
 @dataclass
 class Plan:
     """What one bench run measures."""
@@ -124,6 +182,7 @@ class Plan:
     runs: int = 3  # runs of each main variant
     ablation_runs: int = 1
     ablations: bool = True
+    adapters: bool = True  # the LoRA / QLoRA rows (ADAPTERS), runs times each
     dtype: str = "float32"
     lr: float = 1e-5
     beta: float = 0.1
@@ -291,7 +350,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per run (default 8)")
     parser.add_argument("--runs", type=int, help="runs of each main variant (default 3)")
     parser.add_argument("--ablation-runs", type=int, help="runs of each ablation (default 1)")
-    parser.add_argument("--no-ablations", action="store_true", help="main variants only")
+    parser.add_argument("--no-ablations", action="store_true", help="no speed-switch rows")
+    parser.add_argument("--no-adapters", action="store_true", help="no LoRA / QLoRA rows")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument(
         "--out",
@@ -339,6 +399,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             setattr(plan, key, getattr(args, key))
     if args.no_ablations:
         plan.ablations = False
+    if args.no_adapters:
+        plan.adapters = False
     if min(plan.micro_batch, plan.steps, plan.runs) < 1 or plan.warmup < 0:
         raise SystemExit("micro batch, steps and runs must be >= 1, warmup >= 0")
     return plan
@@ -359,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs = setup.synthetic_pairs(plan.num_pairs, plan.pairs, size.vocab_size)
         train_file = setup.write_pairs(workdir / "train.jsonl", pairs)
         check_tokenization(model_dir, train_file, pairs)
+        adapters_size = adapter_size(size)
+        adapters_dir = (
+            setup.build_model_dir(workdir / "model_adapters", adapters_size, plan.max_length)
+            if plan.adapters
+            else None
+        )
         order = {}  # variant -> pair indices per step, from the engine's own sampler
         for variant in (*MAIN, *ABLATIONS):
             if variant.kind == "ours":
@@ -367,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         ours_order = [i for step in order["ours"] for i in step]
         trl_file = setup.write_pairs(workdir / "train_trl.jsonl", [pairs[i] for i in ours_order])
-        for variant in MAIN:  # TRL reads its file sequentially: the same batches as ours
-            if variant.kind == "trl":
+        for variant in (*MAIN, *ADAPTERS):  # TRL reads its file sequentially: ours' batches
+            if variant.kind == "trl" or variant in ADAPTERS:
                 order[variant.name] = order["ours"]
         print(f"measuring the float32 matmul peak ({workdir})", flush=True)
         peaks = [setup.matmul_peak_gflops()]
@@ -386,8 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         measurements: list[Measurement] = []
         runs = schedule(plan, MAIN, ABLATIONS)
+        if plan.adapters:  # alternated like the main variants
+            runs += [v for _ in range(plan.runs) for v in ADAPTERS]
         for n, variant in enumerate(runs, 1):
             tag = f"{n:02d}-" + re.sub(r"[^A-Za-z0-9_-]+", "_", variant.name)  # Hydra-safe
+            on_adapter_model = variant in ADAPTERS
             spec = {
                 **shared,
                 "kind": variant.kind,
@@ -395,12 +466,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run_dir": str(workdir / "runs" / tag),
                 "overrides": list(variant.overrides),
                 "trl": variant.trl,
+                "peft": variant.peft,
+                "quantization": variant.quantization,
             }
+            if on_adapter_model:
+                spec["model_dir"] = str(adapters_dir)
             print(f"[{n}/{len(runs)}] {variant.name}", flush=True)
             result = run_one(spec, workdir, tag, args.timeout)
             measurements.append(
                 Measurement.from_result(
-                    variant.name, result, order[variant.name], pairs, plan.warmup, size
+                    variant.name,
+                    result,
+                    order[variant.name],
+                    pairs,
+                    plan.warmup,
+                    adapters_size if on_adapter_model else size,
                 )
             )
             m = measurements[-1]
@@ -427,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak_samples": peaks,
         "plan": plan,
         "size": size,
-        "variants": {v.name: v for v in (*MAIN, *ABLATIONS)},
+        "adapter_size": adapters_size,
+        "variants": {v.name: v for v in (*MAIN, *ABLATIONS, *ADAPTERS)},
         "quick": args.quick,
         "trl_state": {m.variant: m.trl_state for m in measurements if m.trl_state},
     }

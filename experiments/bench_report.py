@@ -10,6 +10,10 @@ from typing import Any
 from experiments.bench_setup import ModelSize, pair_flops
 
 BASELINES = ("trl-default", "trl-fast")
+#: the adapter rows (experiments.bench.ADAPTERS, on their own model) and, for ours, the TRL row
+#: with the same peft LoraConfig (and base quantization) it is compared with
+ADAPTER_ROWS = ("ours full", "ours lora", "trl lora", "ours qlora", "trl qlora")
+ADAPTER_BASELINES = {"ours lora": "trl lora", "ours qlora": "trl qlora"}
 
 
 @dataclass
@@ -162,6 +166,42 @@ def targets(rows: Sequence[Row]) -> list[str]:
     return [f"- {what}: {value:.2f}x, {'met' if ok else 'NOT met'}" for what, value, ok in checks]
 
 
+def adapter_table(rows: Sequence[Row], memory: str) -> list[str]:
+    """The LoRA / QLoRA rows: pairs/s and peak memory, ours against TRL with the same adapters,
+    and every row's memory against full fine-tuning of the same model (``ours full``)."""
+    by_name = {r.variant: r for r in rows}
+    full = by_name.get("ours full")
+    header = (
+        f"| variant | pairs/s | x TRL, same adapters | peak {memory} MiB | {memory} / TRL, same "
+        f"adapters | {memory} / ours full | pairs/s per run |"
+    )
+    lines = [header, _rule(header)]
+    for name in ADAPTER_ROWS:
+        r = by_name.get(name)
+        if r is None:
+            continue
+        base = by_name.get(ADAPTER_BASELINES.get(name, ""))
+        speed = _ratio(r.pairs_per_second / base.pairs_per_second) if base else "-"
+        mem = _ratio(r.peak_memory_mb / base.peak_memory_mb) if base else "-"
+        vs_full = _ratio(r.peak_memory_mb / full.peak_memory_mb) if full else "-"
+        lines.append(
+            f"| {name} | {r.pairs_per_second:.2f} | {speed} | {r.peak_memory_mb:,.0f} | {mem} | "
+            f"{vs_full} | {', '.join(f'{x:.2f}' for x in r.runs)} |"
+        )
+    checks = []
+    for ours, trl in ADAPTER_BASELINES.items():
+        if ours in by_name and trl in by_name:
+            a, b = by_name[ours], by_name[trl]
+            faster = a.pairs_per_second / b.pairs_per_second
+            lighter = a.peak_memory_mb / b.peak_memory_mb
+            checks.append(
+                f"- {ours}: pairs/s {faster:.2f}x {trl} ({'met' if faster >= 1 else 'NOT met'}: "
+                f"ahead of TRL), peak memory {lighter:.2f}x ({'met' if lighter <= 1 else 'NOT met'}"
+                ": not above TRL)"
+            )
+    return [*lines, "", "Targets (medians):", *(checks or ["- (needs ours and trl rows)"])]
+
+
 SWITCHES = (
     "- `prefix_sharing`: one `[prompt | chosen | rejected]` sequence per pair; the rejected "
     "tokens skip the chosen ones and their positions restart after the prompt, so the prompt "
@@ -190,7 +230,8 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
     memory = "GPU" if machine.get("gpu") else "RSS"
     main_names = ("ours", *BASELINES)
     main_rows = [r for r in rows if r.variant in main_names]
-    ablation_rows = [r for r in rows if r.variant not in main_names]
+    adapter_rows = [r for r in rows if r.variant in ADAPTER_ROWS]
+    ablation_rows = [r for r in rows if r.variant not in (*main_names, *ADAPTER_ROWS)]
     params = size.body_params() + size.head_params()
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     lines = [
@@ -248,6 +289,24 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
             "The switches (all exact: tests/engine/test_optimizations.py):",
             "",
             *SWITCHES,
+            "",
+        ]
+    if adapter_rows:
+        adapters = context.get("adapter_size") or size
+        lines += [
+            "## Adapters: LoRA and QLoRA, ours vs TRL with the same peft LoraConfig",
+            "",
+            f"Their own model: the one above with MLP width {adapters.intermediate_size} "
+            f"(bitsandbytes' CPU 4-bit kernels need widths in multiples of 64), "
+            f"{(adapters.body_params() + adapters.head_params()) / 1e6:.1f}M parameters. LoRA "
+            "r 16, alpha 16, no dropout, on q/k/v/o/gate/up/down (ours: `model.lora`; TRL: "
+            "`DPOTrainer(peft_config=LoraConfig(...))` with trl-fast's settings, its reference "
+            "the base with the adapters disabled, precomputed). QLoRA: the base in 4-bit NF4 with "
+            "double quantization, the same `BitsAndBytesConfig` on both sides. `ours full` trains "
+            "every weight of the same model: the memory column against it is full fine-tuning vs "
+            "LoRA vs QLoRA at this size.",
+            "",
+            *adapter_table(adapter_rows, memory),
             "",
         ]
     lines += [

@@ -194,13 +194,15 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "model_init_kwargs": {"dtype": "float32"},
         **spec.get("trl", {}),
     }
+    model, peft_config = _trl_adapters(spec, settings)
     timer = StepTimes()
     trainer = TimedDPOTrainer(
-        model=spec["model_dir"],
+        model=model,
         args=DPOConfig(**settings),
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
         callbacks=[timer],
+        peft_config=peft_config,
     )
     trainer.train()
     marks = timer.marks
@@ -219,8 +221,39 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "optimizer": type(trainer.optimizer.optimizer).__name__
             if hasattr(trainer.optimizer, "optimizer")
             else type(trainer.optimizer).__name__,
+            **(
+                {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                if peft_config is not None
+                else {}
+            ),
         },
     }
+
+
+def _trl_adapters(spec: dict[str, Any], settings: dict[str, Any]) -> tuple[Any, Any]:
+    """TRL's model argument and ``peft_config`` for an adapter row: the same ``LoraConfig`` as
+    the engine's ``model.lora``, and for QLoRA the base loaded with the engine's own
+    ``BitsAndBytesConfig`` (engine.adapters.quantization_config), so both quantize alike."""
+    if not spec.get("peft"):
+        return spec["model_dir"], None
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(**spec["peft"], bias="none", task_type="CAUSAL_LM")
+    if not spec.get("quantization"):
+        return spec["model_dir"], peft_config
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.adapters import quantization_config
+
+    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"],
+        dtype=dtype,
+        quantization_config=quantization_config({"quantization": spec["quantization"]}, dtype),
+    )
+    settings.pop("model_init_kwargs", None)  # TRL refuses them with a loaded model
+    return model, peft_config
 
 
 def main(argv: list[str] | None = None) -> int:

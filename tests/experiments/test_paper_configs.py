@@ -118,12 +118,14 @@ def test_paper_ablation_resolves_the_paper_hyperparameters(compose_config, name:
     assert (trainer.micro_batch_size, trainer.grad_accum, trainer.global_batch) == (1, None, 8)
     assert [grad_accum_steps(trainer, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2048, 256)
-    assert cfg.deepspeed.zero_optimization.stage == 3
+    # the paper's QLoRA (+experiment=paper_bpo's recipe), one GPU per cell
+    assert cfg.model.quantization == "4bit" and (cfg.model.lora.r, cfg.model.lora.alpha) == (16, 16)
+    assert cfg.deepspeed.zero_optimization.stage == 0
 
-    # what DeepSpeed gets: ZeRO-3, bf16, the paper's global batch of 8 (1 x 8 on one GPU, and
-    # 1 x 1 on 8 GPUs, grad_accum derived from trainer.global_batch)
+    # what DeepSpeed gets: bf16, the paper's global batch of 8 (1 x 8 on one GPU, and 1 x 1 on
+    # 8 GPUs, grad_accum derived from trainer.global_batch)
     ds = build_deepspeed_config(cfg, model_dtype=torch.bfloat16, world_size=1)
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == 0
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["train_batch_size"] == 8
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(5e-6)
@@ -438,6 +440,8 @@ def test_shrunk_paper_model_trains_under_zero3(
             f"model.name_or_path={model_dir}",
             f"model.dtype={dtype}",
             "deepspeed=zero3",
+            "model.quantization=null",  # full fine-tuning (the documented option) under ZeRO-3
+            "model.lora=null",
             "loss=hinge",
             "margin=balanced",
             f"data.train={pairs}",
