@@ -255,90 +255,73 @@ def preference_loss(
     def wide(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(dtype)
 
-    policy_chosen, policy_rejected = wide(policy_chosen_logps), wide(policy_rejected_logps)
+    def needed(name: str, tensor: torch.Tensor | None, why: str) -> torch.Tensor:
+        return wide(_needed(name, tensor, why, shape))
+
+    logps = [wide(policy_chosen_logps), wide(policy_rejected_logps)]
     refs = None
     if not reference_free and ref_chosen_logps is not None and ref_rejected_logps is not None:
         _check_tensor("ref_chosen_logps", ref_chosen_logps, shape)
         _check_tensor("ref_rejected_logps", ref_rejected_logps, shape)
         refs = [wide(ref_chosen_logps), wide(ref_rejected_logps)]
-    if ld_alpha is not None:
+    if ld_alpha is not None:  # LD-DPO: the tokens past the pair's shorter response count ld_alpha
         why = "ld_alpha (LD-DPO)"
-        policy_chosen = length_desensitized(
-            policy_chosen,
-            wide(_needed("policy_chosen_tail_logps", policy_chosen_tail_logps, why, shape)),
-            ld_alpha,
-        )
-        policy_rejected = length_desensitized(
-            policy_rejected,
-            wide(_needed("policy_rejected_tail_logps", policy_rejected_tail_logps, why, shape)),
-            ld_alpha,
-        )
+        policy_tails = [
+            ("policy_chosen_tail_logps", policy_chosen_tail_logps),
+            ("policy_rejected_tail_logps", policy_rejected_tail_logps),
+        ]
+        logps = [
+            length_desensitized(x, needed(name, tail, why), ld_alpha)
+            for x, (name, tail) in zip(logps, policy_tails, strict=True)
+        ]
         if refs is not None:
-            tails = [("ref_chosen_tail_logps", ref_chosen_tail_logps)]
-            tails.append(("ref_rejected_tail_logps", ref_rejected_tail_logps))
-            refs = [
-                length_desensitized(ref, wide(_needed(name, tail, why, shape)), ld_alpha)
-                for ref, (name, tail) in zip(refs, tails, strict=True)
+            ref_tails = [
+                ("ref_chosen_tail_logps", ref_chosen_tail_logps),
+                ("ref_rejected_tail_logps", ref_rejected_tail_logps),
             ]
-    if refs is None:
-        chosen_logratios, rejected_logratios = policy_chosen, policy_rejected
-    else:
-        chosen_logratios, rejected_logratios = policy_chosen - refs[0], policy_rejected - refs[1]
-
+            refs = [
+                length_desensitized(x, needed(name, tail, why), ld_alpha)
+                for x, (name, tail) in zip(refs, ref_tails, strict=True)
+            ]
+    # r = log-ratios (the log-probs themselves for a reference-free objective), g = f-DPO's
+    # transform of r
+    ratios = logps if refs is None else [x - ref for x, ref in zip(logps, refs, strict=True)]
     transform = F_DIVERGENCES[f_divergence_type]
     part_options = {k: v for k, v in options.items() if v is not None}
-    chosen_scores = transform(chosen_logratios, **pick_options(transform, part_options))
-    rejected_scores = transform(rejected_logratios, **pick_options(transform, part_options))
+    scores = [transform(r, **pick_options(transform, part_options)) for r in ratios]
     terms = PairTerms(
-        chosen_scores,
-        rejected_scores,
-        policy_chosen,
-        policy_rejected,
+        *scores,
+        *logps,
         *(refs or (None, None)),
         kl_logratios=None if kl_logratios is None else wide(kl_logratios),
     )
-
-    scale = beta if margin_scale is None else margin_scale
-    if crosses_margin(loss):
-        z = MARGINS[margin](chosen_scores, rejected_scores, scale, alpha)
-        if dpop_lambda > 0:
-            # DPOP (arXiv 2402.13228, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w))
-            z = z - scale * dpop_lambda * torch.relu(-chosen_scores)
-        if gamma != 0:
-            z = z - gamma
-        if odpo_alpha > 0:
-            why = "odpo_alpha (ODPO: data rows need score_chosen and score_rejected columns)"
-            z = z - odpo_offsets(
-                wide(_needed("score_chosen", score_chosen, why, shape)),
-                wide(_needed("score_rejected", score_rejected, why, shape)),
-                odpo_alpha,
-            )
-    else:
-        z = beta * (chosen_scores - rejected_scores)
-
+    offsets = None
+    if odpo_alpha > 0:
+        why = "odpo_alpha (ODPO: data rows need score_chosen and score_rejected columns)"
+        offsets = odpo_offsets(
+            needed("score_chosen", score_chosen, why),
+            needed("score_rejected", score_rejected, why),
+            odpo_alpha,
+        )
+    z = _margin_z(scores[0], scores[1], options, offsets)
+    # the objective, then the extra terms
     losses = torch.zeros_like(z)
     if preference_weight > 0:
-        if not crosses_margin(loss):
-            pref = apply_pair_loss(loss, terms, **part_options)
-        elif label_smoothing and "label_smoothing" not in keyword_options(LOSSES[loss]):
-            # cDPO (Mitchell 2023): the expected loss when a label is flipped with probability eps
-            pref = (1.0 - label_smoothing) * apply_loss(loss, z, **part_options)
-            pref = pref + label_smoothing * apply_loss(loss, -z, **part_options)
-        else:
-            pref = apply_loss(loss, z, **part_options)
-        losses = losses + preference_weight * pref
+        losses = losses + preference_weight * _objective(loss, z, terms, part_options)
     if calibration_weight > 0:
         # Cal-DPO (arXiv 2412.14516, Eq. 10): pull log-ratios towards +-1/(2 beta), SPPO's term
         losses = losses + calibration_weight * sppo_hard(terms, beta)
     if nll_weight > 0:
-        nll = _needed("policy_chosen_nll", policy_chosen_nll, "nll_weight > 0", shape)
-        losses = losses + nll_weight * wide(nll)
+        losses = losses + nll_weight * needed(
+            "policy_chosen_nll", policy_chosen_nll, "nll_weight > 0"
+        )
     if use_weighting:
         why = "use_weighting (WPO)"
         losses = losses * wpo_weights(
-            wide(_needed("chosen_weighting_logps", chosen_weighting_logps, why, shape)),
-            wide(_needed("rejected_weighting_logps", rejected_weighting_logps, why, shape)),
+            needed("chosen_weighting_logps", chosen_weighting_logps, why),
+            needed("rejected_weighting_logps", rejected_weighting_logps, why),
         )
+    chosen_logratios, rejected_logratios = ratios
 
     return PreferenceLossOutput(
         losses=losses,
@@ -346,3 +329,42 @@ def preference_loss(
         rejected_rewards=(beta * rejected_logratios).detach(),
         margins=z.detach(),
     )
+
+
+def _margin_z(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    options: dict[str, Any],
+    offsets: torch.Tensor | None,
+) -> torch.Tensor:
+    """The margin z of the (transformed) log-ratios, with the options that act on it; for a
+    per-side objective, which has no margin, ``beta * (g_w - g_l)`` (what it reports)."""
+    beta = options["beta"]
+    if not crosses_margin(options["loss"]):
+        return beta * (chosen_scores - rejected_scores)
+    scale = beta if options["margin_scale"] is None else options["margin_scale"]
+    z = MARGINS[options["margin"]](chosen_scores, rejected_scores, scale, options["alpha"])
+    if options["dpop_lambda"] > 0:
+        # DPOP (arXiv 2402.13228, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w))
+        z = z - scale * options["dpop_lambda"] * torch.relu(-chosen_scores)
+    if options["gamma"] != 0:
+        z = z - options["gamma"]
+    if offsets is not None:  # ODPO
+        z = z - offsets
+    return z
+
+
+def _objective(
+    loss: str, z: torch.Tensor, terms: PairTerms, part_options: dict[str, Any]
+) -> torch.Tensor:
+    """The per-pair objective: f(z) for a loss of the margin (cDPO's smoothing for a loss that
+    does not define label_smoothing itself), or the per-side objective of ``terms``."""
+    if not crosses_margin(loss):
+        return apply_pair_loss(loss, terms, **part_options)
+    smoothing = part_options.get("label_smoothing")
+    if smoothing and "label_smoothing" not in keyword_options(LOSSES[loss]):
+        # cDPO (Mitchell 2023): the expected loss when a label is flipped with probability eps
+        return (1.0 - smoothing) * apply_loss(loss, z, **part_options) + smoothing * apply_loss(
+            loss, -z, **part_options
+        )
+    return apply_loss(loss, z, **part_options)
