@@ -311,10 +311,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def disabled_adapter_scorer(model: nn.Module, trainer: Any) -> Callable[[Any], Any]:
+def disabled_adapter_scorer(
+    model: nn.Module, trainer: Any, tails: bool = False
+) -> Callable[[Any], Any]:
     """A live reference for fresh adapters (``reference.precompute=false``): ``batch -> (logps,
     counts)`` of the policy itself with its adapters disabled, under ``torch.no_grad``. Shares the
     policy's modules (no copy; under ZeRO-3 they gather their shards as in the policy's forward).
+    ``tails``: also LD-DPO's tail log-probs, as :func:`engine.reference.frozen_scorer` returns.
     """
     from engine.logprobs import SequenceLogProbs
 
@@ -323,6 +326,7 @@ def disabled_adapter_scorer(model: nn.Module, trainer: Any) -> Callable[[Any], A
         chunk_size=int(trainer.logit_chunk_size),
         keep_mb=float(trainer.get("logit_keep_mb", 0)),
         chunked=bool(trainer.get("chunked_logprobs", True)),
+        tails=tails,
     )
 
     @torch.no_grad()

@@ -197,10 +197,12 @@ def make_reference(
             # and the policy's copy of it trains: a second, frozen copy is loaded
             initial = load_model(data.model_cfg, data.tokenizer, int(cfg.seed), adapters=True)
             return LiveReference(
-                *common, scorer=frozen_scorer(adapters.unwrap(initial).to(device), trainer)
+                *common, scorer=frozen_scorer(adapters.unwrap(initial).to(device), trainer, tails)
             )
         # fresh adapters: the initial policy is the base, i.e. the policy with adapters disabled
-        return LiveReference(*common, scorer=adapters.disabled_adapter_scorer(model, trainer))
+        return LiveReference(
+            *common, scorer=adapters.disabled_adapter_scorer(model, trainer, tails)
+        )
     # copied before DeepSpeed wraps (and under ZeRO-3 partitions) the policy
     frozen = copy.deepcopy(model).to(device)
     return LiveReference(*common, scorer=frozen_scorer(frozen, trainer, tails))

@@ -74,12 +74,14 @@ def test_a_run_with_adapters_writes_the_adapter_and_the_merged_model(adapter_run
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective", [(), ("method.ld_alpha=0.5",)], ids=["dpo", "ld_dpo"])
 def test_the_live_reference_of_fresh_adapters_is_the_policy_with_them_disabled(
-    tmp_path, train_run, metrics_rows, metrics_match
+    tmp_path, train_run, metrics_rows, metrics_match, objective
 ):
     """reference.precompute=false scores each micro batch with the adapters switched off, no
-    copy of the model: the same numbers as the precomputed pass of the initial policy."""
-    options = (LORA, "trainer.lr=1e-2", "trainer.tensorboard=false")
+    copy of the model: the same numbers as the precomputed pass of the initial policy (also for
+    LD-DPO, whose reference scores carry the tails past the shorter response)."""
+    options = (LORA, "trainer.lr=1e-2", "trainer.tensorboard=false", *objective)
     _, pre_dir = train_run(tmp_path / "pre", *options, eval=True, steps=3)
     live, live_dir = train_run(
         tmp_path / "live", *options, "reference.precompute=false", eval=True, steps=3
