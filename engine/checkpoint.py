@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import distributed as dist_utils
-from engine.fileio import atomic_write_text
+from engine.runtime import distributed as dist_utils
+from engine.runtime.fileio import atomic_write_text
 
 log = logging.getLogger("engine.checkpoint")
 
@@ -236,7 +236,7 @@ def _gather_on_main(obj: Any) -> list[Any] | None:
 
 
 def save_checkpoint(
-    engine: Any, checkpoint_dir: Path, step: int, client_state: dict[str, Any], keep: int
+    ds_engine: Any, checkpoint_dir: Path, step: int, client_state: dict[str, Any], keep: int
 ) -> None:
     """Save a resumable, verifiable checkpoint of ``engine`` at ``step`` (every rank must call
     this). ``keep`` > 0 keeps that many complete saves up to ``step`` (this one included)."""
@@ -251,7 +251,7 @@ def save_checkpoint(
     # frozen parameters (an adapter run's base) are rebuilt from their source on resume, never
     # saved: ZeRO-1/2 would store a 4-bit base that bitsandbytes' CPU kernels have repacked, which
     # no longer fits a fresh model's shape; full fine-tuning has none, so nothing changes there
-    engine.save_checkpoint(
+    ds_engine.save_checkpoint(
         str(checkpoint_dir),
         tag=tag,
         client_state=client_state,
@@ -288,11 +288,11 @@ def _delete_old_saves(checkpoint_dir: Path, step: int, keep: int) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, checkpoint_dir: Path, step: int) -> dict[str, Any]:
+def load_checkpoint(ds_engine: Any, checkpoint_dir: Path, step: int) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from the save at ``step``;
     returns the client state saved with it."""
     tag = f"step_{step}"
-    load_path, client_state = engine.load_checkpoint(
+    load_path, client_state = ds_engine.load_checkpoint(
         str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
@@ -303,17 +303,17 @@ def load_checkpoint(engine: Any, checkpoint_dir: Path, step: int) -> dict[str, A
     return client_state or {}
 
 
-def export_hf_model(engine: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
+def export_hf_model(ds_engine: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
     """Write the trained model in Hugging Face format (safetensors) with its tokenizer.
 
     Under ZeRO-3 the parameters are partitioned: they are gathered into a full 16-bit (or fp32)
     state dict on rank 0 first. The export is written to a temporary sibling directory and renamed,
     so ``out_dir`` is either absent or complete.
     """
-    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    stage = dist_utils.zero_stage(ds_engine)
     state_dict = None
     if stage == 3:  # a collective: every rank takes part, rank 0 receives the full tensors
-        gathered = engine._zero3_consolidated_16bit_state_dict()
+        gathered = ds_engine._zero3_consolidated_16bit_state_dict()
         if gathered is not None:  # keys are relative to the SequenceLogProbs wrapper
             state_dict = {k.removeprefix("model."): v for k, v in gathered.items()}
     if not dist_utils.is_main():

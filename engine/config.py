@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from engine.data import ON_BAD_ROW
-from engine.packing import BLOCK_ATTENTION
+from engine.data.loading import ON_BAD_ROW
+from engine.data.packing import BLOCK_ATTENTION
+from engine.runtime.errors import ConfigError, require
 from engine.tracking import report_targets
 from losses import PreferenceLoss
 
@@ -45,19 +46,10 @@ _TRAINER_SWITCHES = (
 _SCHEDULES = ("constant", "linear", "cosine")
 
 
-class ConfigError(ValueError):
-    """A config value is missing or out of range; the message names the key."""
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key {key}: {message}")
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key (missing ``???`` values included)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
-    _require(
+    require(
         not missing,
         missing[0] if missing else "",
         "is required (it is ??? in the config); set it on the command line",
@@ -65,48 +57,48 @@ def validate_config(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     for key in _POSITIVE_INTS:
         value = trainer.get(key)
-        _require(
+        require(
             isinstance(value, int) and value > 0,
             f"trainer.{key}",
             f"must be an integer > 0, got {value!r}",
         )
     for key in _NON_NEGATIVE_INTS:
         value = trainer.get(key)
-        _require(
+        require(
             isinstance(value, int) and value >= 0,
             f"trainer.{key}",
             f"must be an integer >= 0, got {value!r}",
         )
     for key in _OPTIONAL_POSITIVE_INTS:
         value = trainer.get(key)
-        _require(
+        require(
             value is None or (isinstance(value, int) and value > 0),
             f"trainer.{key}",
             f"must be null or an integer > 0, got {value!r}",
         )
     if trainer.get("max_steps") is None:
         epochs = trainer.get("epochs")
-        _require(
+        require(
             isinstance(epochs, int) and epochs > 0,
             "trainer.epochs",
             f"must be an integer > 0 when max_steps is null, got {epochs!r}",
         )
     lr = trainer.get("lr")
-    _require(
+    require(
         isinstance(lr, int | float) and lr > 0, "trainer.lr", f"must be a number > 0, got {lr!r}"
     )
-    _require(
+    require(
         trainer.get("lr_schedule") in _SCHEDULES,
         "trainer.lr_schedule",
         f"must be one of {', '.join(_SCHEDULES)}, got {trainer.get('lr_schedule')!r}",
     )
     warmup = trainer.get("warmup_ratio")
-    _require(
+    require(
         isinstance(warmup, int | float) and 0 <= warmup < 1,
         "trainer.warmup_ratio",
         f"must be in [0, 1), got {warmup!r}",
     )
-    _require(
+    require(
         trainer.get("resume") in (None, "auto"),
         "trainer.resume",
         f"must be null or auto, got {trainer.get('resume')!r}",
@@ -117,19 +109,19 @@ def validate_config(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(f"config key {error}") from None
     data = cfg.data
-    _require(
+    require(
         data.get("on_bad_row") in ON_BAD_ROW,
         "data.on_bad_row",
         f"must be one of {', '.join(ON_BAD_ROW)}, got {data.get('on_bad_row')!r}",
     )
     max_length = data.get("max_length")
-    _require(
+    require(
         isinstance(max_length, int) and max_length > 1,
         "data.max_length",
         f"must be an integer > 1, got {max_length!r}",
     )
     max_prompt = data.get("max_prompt_length")
-    _require(
+    require(
         max_prompt is None or (isinstance(max_prompt, int) and 0 < max_prompt < max_length),
         "data.max_prompt_length",
         f"must be null or an integer in (0, data.max_length={max_length}), got {max_prompt!r}",
@@ -142,38 +134,38 @@ def _validate_switches(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     for key in _TRAINER_SWITCHES:
         value = trainer.get(key)
-        _require(
+        require(
             value is None or isinstance(value, bool),
             f"trainer.{key}",
             f"must be true or false, got {value!r}",
         )
-    optimizer = trainer.get("optimizer", "adamw")
-    _require(
+    optimizer = trainer.optimizer
+    require(
         optimizer in OPTIMIZERS,
         "trainer.optimizer",
         f"must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}",
     )
     block = trainer.get("block_attention")
-    _require(
+    require(
         block is None or block in BLOCK_ATTENTION,
         "trainer.block_attention",
         f"must be one of {', '.join(BLOCK_ATTENTION)}, got {block!r}",
     )
     keep = trainer.get("logit_keep_mb")
-    _require(
+    require(
         keep is None or (isinstance(keep, int | float) and keep >= 0),
         "trainer.logit_keep_mb",
         f"must be a number of MiB >= 0, got {keep!r}",
     )
     reference = cfg.get("reference") or {}
     precompute = reference.get("precompute")
-    _require(
+    require(
         precompute is None or isinstance(precompute, bool),
         "reference.precompute",
         f"must be true or false, got {precompute!r}",
     )
     path = reference.get("name_or_path")
-    _require(
+    require(
         path is None or (isinstance(path, str) and path.strip() != ""),
         "reference.name_or_path",
         f"must be null (the initial policy) or a model directory / hub id, got {path!r}",
@@ -195,7 +187,7 @@ def grad_accum_steps(trainer: Any, world_size: int) -> int:
         return 1 if accum is None else int(accum)
     global_batch = int(global_batch)
     per_micro_step = micro * world_size
-    _require(
+    require(
         global_batch % per_micro_step == 0,
         "trainer.global_batch",
         f"{global_batch} pairs do not split into micro steps of trainer.micro_batch_size={micro} "
@@ -203,7 +195,7 @@ def grad_accum_steps(trainer: Any, world_size: int) -> int:
         "or another micro batch",
     )
     derived = global_batch // per_micro_step
-    _require(
+    require(
         accum is None or int(accum) == derived,
         "trainer.grad_accum",
         f"{accum} conflicts with trainer.global_batch={global_batch}, which needs {derived} "
@@ -257,14 +249,14 @@ def build_deepspeed_config(
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = int(trainer.micro_batch_size) * accum * world_size
     ds["gradient_clipping"] = float(trainer.grad_clip)
-    if trainer.get("optimizer", "adamw") == "sgd":
+    if trainer.optimizer == "sgd":
         # torch.optim.SGD (DeepSpeed takes any torch.optim name): the update keeps the gradient's
         # scale, which Adam divides away (the ablation's hypothesis test compares the two)
         ds["optimizer"] = {
             "type": "SGD",
             "params": {
                 "lr": float(trainer.lr),
-                "momentum": float(trainer.get("momentum", 0.0)),
+                "momentum": float(trainer.momentum),
                 "weight_decay": float(trainer.weight_decay),
             },
         }

@@ -15,20 +15,20 @@ from typing import Any
 
 import torch
 
-from engine import distributed as dist_utils
 from engine import run_state
-from engine.batching import StepSampler, collate_pairs
-from engine.diagnostics import GradientDiagnostics
+from engine.data.batching import StepSampler, collate_pairs
+from engine.data.packing import PairLayout
+from engine.data.pair_batch import PairBatch
+from engine.data.pair_extras import PairExtras
+from engine.data.sources import PreparedData
+from engine.gradient_weights import GradientDiagnostics
 from engine.metrics import means, pair_sums
-from engine.objective import feed, objective_inputs
-from engine.packing import PairLayout
-from engine.pair_batch import PairBatch
-from engine.pair_extras import PairExtras, kl_logratios
-from engine.preemption import PreemptionGuard
-from engine.reference import Reference
+from engine.model.pair_logprobs import PairLogProbs, logprobs_of_pairs
+from engine.model.reference import Reference
+from engine.objective import feed, kl_logratios, objective_inputs
 from engine.run_state import RunState
-from engine.scoring import PairScores, score_pairs
-from engine.sources import PreparedData
+from engine.runtime import distributed as dist_utils
+from engine.runtime.preemption import PreemptionGuard
 from engine.tracking import MetricsLogger
 from losses import PreferenceLoss, PreferenceLossOutput
 
@@ -38,7 +38,7 @@ class LoopParts:
     """What the loop works with (built by ``engine.train.train``, phase by phase)."""
 
     trainer: Any  # the ``trainer`` config group
-    engine: Any  # the DeepSpeed engine around the policy's SequenceLogProbs
+    ds_engine: Any  # the DeepSpeed engine around the policy's SequenceLogProbs
     scheduler: Any
     model: torch.nn.Module  # the policy's transformers model (for evaluators and export)
     objective: PreferenceLoss
@@ -59,13 +59,13 @@ def train_step(
 ) -> tuple[PreferenceLossOutput, torch.Tensor]:
     """Forward (chosen and rejected in one pass) and the objective on one micro batch; returns
     the objective's output and the batch's metric sums. ``diagnose``: also collect the pairs'
-    gradient weights (:mod:`engine.diagnostics`; a logged step)."""
-    policy = PairScores.split(*parts.engine(**batch.model_inputs()))
+    gradient weights (:mod:`engine.gradient_weights`; a logged step)."""
+    policy = PairLogProbs.split(*parts.ds_engine(**batch.model_inputs()))
     batch_inputs = parts.extras.train_batch(batch.indices)
     if parts.extras.mismatched_train is not None:
         batch_inputs["kl_logratios"] = _mismatched_logratios(parts, batch)
     inputs = objective_inputs(
-        parts.objective, policy, parts.reference.train_scores(batch), batch_inputs
+        parts.objective, policy, parts.reference.train_logprobs(batch), batch_inputs
     )
     out = feed(parts.objective, inputs)
     if diagnose:
@@ -85,39 +85,41 @@ def _mismatched_logratios(parts: LoopParts, batch: PairBatch) -> torch.Tensor:
         [mismatched[i] for i in indices], [offset + i for i in indices], pad_id, parts.layout
     ).to(parts.device)
     with torch.no_grad():
-        policy = PairScores.split(*parts.engine(**other.model_inputs()))
-    return kl_logratios(policy, parts.reference.train_scores(other))
+        policy = PairLogProbs.split(*parts.ds_engine(**other.model_inputs()))
+    return kl_logratios(policy, parts.reference.train_logprobs(other))
 
 
 def evaluate(parts: LoopParts) -> dict[str, float]:
     """``eval/`` metrics: the objective on every eval pair, then each evaluator of the data."""
-    engine, data = parts.engine, parts.data
+    ds_engine, data = parts.ds_engine, parts.data
     metrics: dict[str, float] = {}
     if data.eval_pairs:
-        engine.eval()
+        ds_engine.eval()
 
-        def score(pairs: list) -> PairScores:
+        def logprobs(pairs: list) -> PairLogProbs:
             micro, pad_id = int(parts.trainer.micro_batch_size), int(data.tokenizer.pad_token_id)
-            forward = lambda batch: engine(**batch.model_inputs())  # noqa: E731
-            return score_pairs(forward, pairs, micro, pad_id, parts.device)
+            forward = lambda batch: ds_engine(**batch.model_inputs())  # noqa: E731
+            return logprobs_of_pairs(forward, pairs, micro, pad_id, parts.device)
 
-        scores = score(data.eval_pairs)
-        reference = parts.reference.eval_scores()
+        scores = logprobs(data.eval_pairs)
+        reference = parts.reference.eval_logprobs()
         batch_inputs = parts.extras.eval_inputs()
         count = len(data.eval_pairs)
         if parts.extras.mismatched_eval is not None:  # KTO: the reference also holds these
             tail = reference.index(torch.arange(count, 2 * count))
-            batch_inputs["kl_logratios"] = kl_logratios(score(parts.extras.mismatched_eval), tail)
+            batch_inputs["kl_logratios"] = kl_logratios(
+                logprobs(parts.extras.mismatched_eval), tail
+            )
             reference = reference.index(torch.arange(count))
         inputs = objective_inputs(parts.objective, scores, reference, batch_inputs)
         out = feed(parts.objective, inputs)
         metrics.update(means(pair_sums(out, scores), "eval"))
-        engine.train()
+        ds_engine.train()
     for evaluator in data.evaluators:
-        engine.eval()
+        ds_engine.eval()
         found = evaluator.evaluate(parts.model, data.tokenizer, parts.device)
         metrics.update({f"eval/{k}": v for k, v in found.items()})
-        engine.train()
+        ds_engine.train()
     return metrics
 
 
@@ -126,7 +128,7 @@ def _log_train(parts: LoopParts, state: RunState) -> None:
     means_, pairs_per_second = state.window.close(parts.device)
     state.last_train = means_
     state.last_train["train/lr"] = float(parts.scheduler.get_last_lr()[0])
-    grad_norm = parts.engine.get_global_grad_norm()
+    grad_norm = parts.ds_engine.get_global_grad_norm()
     if grad_norm is not None:
         state.last_train["train/grad_norm"] = float(grad_norm)
     state.last_train["train/pairs_per_second"] = pairs_per_second
@@ -148,7 +150,7 @@ def _progress_bar(parts: LoopParts, start: int) -> Any:
 
 def run_loop(parts: LoopParts, state: RunState) -> None:
     """The optimizer steps from ``state.step`` to ``parts.total_steps``."""
-    trainer, engine, device = parts.trainer, parts.engine, parts.device
+    trainer, ds_engine, device = parts.trainer, parts.ds_engine, parts.device
     rank, grad_accum = dist_utils.rank(), int(trainer.grad_accum)
     log_every, eval_every = int(trainer.log_every), int(trainer.eval_every)
     save_every, keep = int(trainer.save_every), int(trainer.keep_checkpoints)
@@ -164,8 +166,8 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
                 indices = parts.sampler.indices(step, micro_step, rank)
                 batch = collate_pairs([pairs[i] for i in indices], indices, pad_id, parts.layout)
                 out, sums = train_step(parts, batch.to(device), diagnose=logged)
-                engine.backward(out.losses.mean())
-                engine.step()
+                ds_engine.backward(out.losses.mean())
+                ds_engine.step()
                 state.window.add(sums)
             state.step = done = step + 1
             last = done == parts.total_steps
@@ -194,7 +196,7 @@ def run_loop(parts: LoopParts, state: RunState) -> None:
             # tiny all-reduce when world > 1) saves now, as if save_every said so, and leaves
             stop = not last and guard.should_stop(device)
             if (save_every and done % save_every == 0) or last or stop:
-                run_state.save(engine, parts.checkpoint_dir, state, keep, device)
+                run_state.save(ds_engine, parts.checkpoint_dir, state, keep, device)
             if stop:
                 raise guard.preempted(done)  # engine.train.run exits with the requeue status
     if progress is not None:

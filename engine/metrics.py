@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from engine import distributed as dist_utils
-from engine.scoring import PairScores
+from engine.model.pair_logprobs import PairLogProbs
+from engine.runtime import distributed as dist_utils
 
 #: sums accumulated between log steps, in this order; every one but ``pairs`` is logged as a mean
 SUMS = (
@@ -32,7 +32,7 @@ SUMS = (
 )
 
 
-def pair_sums(out: Any, policy: PairScores) -> torch.Tensor:
+def pair_sums(out: Any, policy: PairLogProbs) -> torch.Tensor:
     """Per-batch sums of :data:`SUMS` (detached, float64, on the CPU) from an objective's output
     and the policy's summed log-probs."""
     chosen, rejected = out.chosen_rewards, out.rejected_rewards

@@ -5,7 +5,8 @@ evaluation: length normalisation (``requirements.length_normalized``: log-probs 
 response tokens) is applied here, and the chosen response's mean token NLL is made here.
 
 To give objectives a new per-response input (e.g. tail log-probs, per-pair weights): add an
-optional field to :class:`engine.scoring.PairScores` (filled where scores are made), a field to
+optional field to :class:`engine.model.pair_logprobs.PairLogProbs` (filled where scores are made), a
+field to
 :class:`ObjectiveInputs` made from it in :meth:`ObjectiveInputs.from_scores`, and pass it on in
 :func:`objective_output`.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.scoring import PairScores
+from engine.model.pair_logprobs import PairLogProbs
 from losses import PreferenceLoss, PreferenceLossOutput
 
 
@@ -50,8 +51,8 @@ class ObjectiveInputs:
     @classmethod
     def from_scores(
         cls,
-        policy: PairScores,
-        reference: PairScores,
+        policy: PairLogProbs,
+        reference: PairLogProbs,
         length_normalized: bool,
         batch_inputs: dict[str, torch.Tensor] | None = None,
     ) -> ObjectiveInputs:
@@ -100,8 +101,8 @@ class ObjectiveInputs:
 
 def objective_output(
     objective: PreferenceLoss,
-    policy: PairScores,
-    reference: PairScores,
+    policy: PairLogProbs,
+    reference: PairLogProbs,
     batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> PreferenceLossOutput:
     """``objective`` on the pairs scored by ``policy`` and ``reference`` (same pairs, same order);
@@ -122,9 +123,17 @@ def feed(objective: PreferenceLoss, inputs: ObjectiveInputs) -> PreferenceLossOu
 
 def objective_inputs(
     objective: PreferenceLoss,
-    policy: PairScores,
-    reference: PairScores,
+    policy: PairLogProbs,
+    reference: PairLogProbs,
     batch_inputs: dict[str, torch.Tensor] | None = None,
 ) -> ObjectiveInputs:
     """The :class:`ObjectiveInputs` of ``objective`` (its length normalisation applied)."""
     return ObjectiveInputs.from_scores(policy, reference, objective.length_normalized, batch_inputs)
+
+
+def kl_logratios(policy: PairLogProbs, reference: PairLogProbs) -> torch.Tensor:
+    """KTO's ``kl_logratios``: the log-ratios of both responses of each mismatched pair (2B,),
+    detached (the reference point is a constant of the step, as in KTOTrainer)."""
+    chosen = policy.chosen_logps.detach().float() - reference.chosen_logps.to(policy.chosen_logps)
+    rejected = policy.rejected_logps.detach().float() - reference.rejected_logps.to(chosen)
+    return torch.cat([chosen, rejected]).detach()

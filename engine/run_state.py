@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from engine import distributed as dist_utils
 from engine.checkpoint import find_verified_step, load_checkpoint, save_checkpoint
 from engine.metrics import MetricsWindow
+from engine.runtime import distributed as dist_utils
 
 log = logging.getLogger("engine.train")
 
@@ -74,17 +74,17 @@ def find_resume_step(trainer: Any, checkpoint_dir: Path) -> int | None:
     return step
 
 
-def restore(engine: Any, checkpoint_dir: Path, resume_step: int | None) -> RunState:
+def restore(ds_engine: Any, checkpoint_dir: Path, resume_step: int | None) -> RunState:
     """A fresh state, or the one saved at ``resume_step`` (model, optimizer, scheduler and RNG
     restored into ``engine`` too)."""
     if resume_step is None:
         return RunState()
-    client = load_checkpoint(engine, checkpoint_dir, resume_step)
+    client = load_checkpoint(ds_engine, checkpoint_dir, resume_step)
     return RunState.from_client_state(client, default_step=resume_step)
 
 
 def save(
-    engine: Any, checkpoint_dir: Path, state: RunState, keep: int, device: torch.device
+    ds_engine: Any, checkpoint_dir: Path, state: RunState, keep: int, device: torch.device
 ) -> None:
     """A complete checkpoint of ``engine`` and ``state`` at ``state.step`` (every rank)."""
-    save_checkpoint(engine, checkpoint_dir, state.step, state.to_client_state(device), keep=keep)
+    save_checkpoint(ds_engine, checkpoint_dir, state.step, state.to_client_state(device), keep=keep)

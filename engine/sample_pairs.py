@@ -3,10 +3,10 @@
     python -m engine.sample_pairs model=hf model.name_or_path=Qwen/Qwen2.5-Math-7B \\
         prompts.path=questions.jsonl samples_per_prompt=8 temperature=1.0 output_dir=pairs/
 
-Reads a prompts file with gold answers (the keys of a benchmark, :mod:`engine.benchmarks`), samples
-``samples_per_prompt`` completions per prompt at ``temperature`` from the model, verifies each and
-pairs a correct one (chosen) with a wrong one (rejected) by the rule in :mod:`engine.pairing`.
-Writes, in ``output_dir``:
+Reads a prompts file with gold answers (the keys of a benchmark,
+:mod:`engine.generation.benchmarks`), samples ``samples_per_prompt`` completions per prompt at
+``temperature`` from the model, verifies each and pairs a correct one (chosen) with a wrong one
+(rejected) by the rule in :mod:`engine.generation.pairing`. Writes, in ``output_dir``:
 
 - ``pairs.jsonl``: the preference file (``data=files data.train=<output_dir>/pairs.jsonl``);
 - ``report.json``: prompts, samples, sample accuracy, pairs made, prompts all-correct / all-wrong,
@@ -33,14 +33,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine import distributed as dist_utils
-from engine.benchmarks import Benchmark
-from engine.data import write_jsonl
-from engine.evaluate import resolve_output_dir
-from engine.fileio import atomic_write_json
-from engine.generation import load_backend
-from engine.pairing import PairCounts, build_pairs
-from engine.sharding import hydra_entry, init_if_launched
+import engine.task  # noqa: F401  (registers the embedded task's verifier)
+from engine.data.loading import write_jsonl
+from engine.generation.backends import load_backend
+from engine.generation.benchmarks import Benchmark
+from engine.generation.pairing import PairCounts, build_pairs
+from engine.runtime import distributed as dist_utils
+from engine.runtime.fileio import atomic_write_json
+from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
 
 log = logging.getLogger("engine.sample_pairs")
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.fileio import atomic_write_text
 from engine.metrics import read_metrics
+from engine.runtime.fileio import atomic_write_text
 
 #: the tracker names ``trainer.report_to`` accepts (TensorBoard needs no extra)
 REPORTERS = ("tensorboard", "wandb", "mlflow")

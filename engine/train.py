@@ -1,8 +1,8 @@
 """Preference training on DeepSpeed: ``python -m engine.train [hydra overrides]``.
 
 ``train(cfg)`` is a plain function (tests call it); ``main`` is the Hydra wrapper. ``train`` is a
-flat sequence of phases, one call each: setup, data (:mod:`engine.sources`), model, reference
-(:mod:`engine.reference`), DeepSpeed, resume and run state (:mod:`engine.run_state`), the loop
+flat sequence of phases, one call each: setup, data (:mod:`engine.data.sources`), model, reference
+(:mod:`engine.model.reference`), DeepSpeed, resume and run state (:mod:`engine.run_state`), the loop
 (:mod:`engine.loop`: ``deepspeed``'s ``backward`` / ``step`` around one objective call,
 :mod:`engine.objective`), export, results. The objective (a :class:`losses.PreferenceLoss`) is a
 value the loop calls, never a branch it takes.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,10 +20,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine import adapters, run_state
-from engine import distributed as dist_utils
-from engine.adapter_export import export_adapters
-from engine.batching import StepSampler, step_sampler
+import engine.task  # noqa: F401  (registers the embedded task's data source and verifier)
+from engine import run_state
 from engine.checkpoint import export_hf_model
 from engine.config import (
     build_deepspeed_config,
@@ -33,18 +29,23 @@ from engine.config import (
     resolve_batch,
     validate_config,
 )
-from engine.evaluate import benchmark_evaluators
-from engine.fileio import atomic_write_json
-from engine.logprobs import SequenceLogProbs
+from engine.data.batching import StepSampler, step_sampler
+from engine.data.packing import PairLayout
+from engine.data.pair_extras import PairExtras
+from engine.data.sources import PreparedData, prepare_data
+from engine.generation.evaluation import benchmark_evaluators
 from engine.loop import LoopParts, run_loop
-from engine.modeling import load_model
-from engine.packing import PairLayout
-from engine.pair_extras import PairExtras
-from engine.preemption import Preempted, exit_preempted
-from engine.reference import make_reference
+from engine.model import adapters
+from engine.model.adapter_export import export_adapters
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import SequenceLogProbs
+from engine.model.reference import make_reference
 from engine.run_state import RunState, find_resume_step
-from engine.sources import PreparedData, prepare_data
-from engine.timing import PhaseClock
+from engine.runtime import distributed as dist_utils
+from engine.runtime.fileio import atomic_write_json
+from engine.runtime.launch import chosen_output_dir, hydra_entry, resolve_output_dir
+from engine.runtime.preemption import Preempted, exit_preempted
+from engine.runtime.timing import PhaseClock
 from engine.tracking import MetricsLogger
 from losses import PreferenceLoss
 
@@ -62,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # read now, so a bad one fails before the data source builds anything
     benchmarks = benchmark_evaluators(cfg)
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, load_tokenizer)
     data.evaluators.extend(benchmarks)
     # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
     # before the model loads
@@ -71,13 +72,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
     )
     # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
-    # engine.adapters), as a module that scores the sequences of a pair batch
+    # engine.model.adapters), as a module that scores the sequences of a pair batch
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
-    policy = SequenceLogProbs(
+    policy = SequenceLogProbs.from_trainer(
         adapters.unwrap(model),
-        chunk_size=int(cfg.trainer.logit_chunk_size),
-        keep_mb=float(cfg.trainer.get("logit_keep_mb", 0)),
-        chunked=bool(cfg.trainer.get("chunked_logprobs", True)),
+        cfg.trainer,
         weighting=needs.needs_weighting_logps,  # WPO's per-response term, in the LM head
         tails=needs.needs_tail_logps,  # LD-DPO's tails
     )
@@ -94,24 +93,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device,
         tails=needs.needs_tail_logps,
     )
-    # DeepSpeed: the engine, its optimizer and the learning-rate schedule
-    engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
+    # DeepSpeed: the ds_engine, its optimizer and the learning-rate schedule
+    ds_engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
     # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
     # engine.run_state.find_resume_step
     checkpoint_dir = run_dir / "checkpoints"
     resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
     clock.lap("startup")
     # reference scores, once before any update (read back from the run directory on resume)
-    reference.prepare(engine, run_dir, resume=resume_step is not None)
+    reference.prepare(ds_engine, run_dir, resume=resume_step is not None)
     # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
-    state = run_state.restore(engine, checkpoint_dir, resume_step)
+    state = run_state.restore(ds_engine, checkpoint_dir, resume_step)
     clock.lap("reference")
     # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only
     logger = MetricsLogger.from_config(run_dir, cfg, resume_step) if dist_utils.is_main() else None
     # loop: forward, loss, backward, step, log, eval, checkpoint
     parts = LoopParts(
         trainer=cfg.trainer,
-        engine=engine,
+        ds_engine=ds_engine,
         scheduler=scheduler,
         model=model,
         objective=objective,
@@ -129,8 +128,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     clock.lap("train")
     clock.move(state.eval_seconds, "train", "eval")
     # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge)
-    if cfg.trainer.get("export", True):
-        _export(cfg, engine, model, data, run_dir)
+    if cfg.trainer.export:
+        _export(cfg, ds_engine, model, data, run_dir)
     clock.lap("export")
     # results: results.json (rank 0) and the closing console line
     results = _results(cfg, data, state, total_steps, started, clock.seconds())
@@ -143,20 +142,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _export(
-    cfg: DictConfig, engine: Any, model: torch.nn.Module, data: PreparedData, run_dir: Path
+    cfg: DictConfig, ds_engine: Any, model: torch.nn.Module, data: PreparedData, run_dir: Path
 ) -> None:
     """``final_model/`` (every rank takes part: ZeRO-3 gathers); with adapters also
     ``final_adapter/``, and ``final_model/`` is the adapter merged into the unquantized base."""
     if adapters.adapters_enabled(data.model_cfg):
         export_adapters(
-            engine,
+            ds_engine,
             model,
             data.tokenizer,
             run_dir,
             load_base=lambda: load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed)),
         )
     else:
-        export_hf_model(engine, model, data.tokenizer, run_dir / "final_model")
+        export_hf_model(ds_engine, model, data.tokenizer, run_dir / "final_model")
 
 
 def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.device]:
@@ -171,7 +170,7 @@ def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.dev
         torch.set_num_threads(int(cfg.trainer.threads))
     dist_utils.init_distributed()
     cfg = resolve_batch(cfg, dist_utils.world_size())
-    run_dir = _resolve_run_dir(cfg)
+    run_dir = resolve_output_dir(cfg, "outputs/run")
     if dist_utils.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(int(cfg.seed))
@@ -181,25 +180,6 @@ def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.dev
         else torch.device("cpu")
     )
     return cfg, objective, run_dir, device
-
-
-def _resolve_run_dir(cfg: DictConfig) -> Path:
-    """The run directory: ``output_dir`` if set, else Hydra's, else ./outputs/run (rank 0's
-    choice, broadcast so every rank writes to the same place)."""
-    run_dir = cfg.get("output_dir")
-    if not run_dir:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            run_dir = HydraConfig.get().runtime.output_dir
-        except ValueError:  # train(cfg) called outside @hydra.main
-            run_dir = "outputs/run"
-    run_dir = dist_utils.broadcast_object(str(Path(run_dir).resolve()))
-    path = Path(run_dir)
-    if dist_utils.is_main():
-        path.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier()
-    return path
 
 
 def _total_steps(trainer: DictConfig, sampler: StepSampler) -> int:
@@ -212,20 +192,20 @@ def _total_steps(trainer: DictConfig, sampler: StepSampler) -> int:
 def _initialize_deepspeed(
     cfg: DictConfig, model: torch.nn.Module, policy: torch.nn.Module, total_steps: int
 ) -> tuple[Any, Any]:
-    """``deepspeed.initialize`` on the policy's trainable parameters; returns the engine and the
+    """``deepspeed.initialize`` on the policy's trainable parameters; returns the ds_engine and the
     learning-rate scheduler."""
     import deepspeed
 
     ds_config = build_deepspeed_config(
         cfg, model_dtype=next(model.parameters()).dtype, world_size=dist_utils.world_size()
     )
-    engine, _, _, scheduler = deepspeed.initialize(
+    ds_engine, _, _, scheduler = deepspeed.initialize(
         model=policy,
         model_parameters=[p for p in policy.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: _lr_schedule(opt, cfg.trainer, total_steps),
     )
-    return engine, scheduler
+    return ds_engine, scheduler
 
 
 def _results(
@@ -306,27 +286,20 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_st
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """``train`` with failure reporting for sweeps: a crash writes ``failed.json`` (error and
     traceback) in the run directory before re-raising, so a sweep's summary can list it. A stop
-    signal (:mod:`engine.preemption`) is no failure: after its checkpoint the process exits for
-    a requeue (status 75, or submitit's own requeue under ``hydra/launcher=slurm``)."""
+    signal (:mod:`engine.runtime.preemption`) is no failure: after its checkpoint the process exits
+    for a requeue (status 75, or submitit's own requeue under ``hydra/launcher=slurm``)."""
     try:
         return train(cfg)
-    except Preempted as stop:  # checkpoint complete: exit for a requeue (engine/preemption.py)
+    except (
+        Preempted
+    ) as stop:  # checkpoint complete: exit for a requeue (ds_engine/runtime/preemption.py)
         exit_preempted(stop, requeue=cfg.trainer.get("resume") == "auto")
     except Exception as error:
         if dist_utils.is_main():
             try:
-                # rank 0's own choice of directory (what _resolve_run_dir broadcasts), found
+                # rank 0's own choice of directory (what resolve_output_dir broadcasts), found
                 # without a collective: the other ranks may be dead or stuck
-                run_dir = cfg.get("output_dir")
-                if not run_dir:
-                    from hydra.core.hydra_config import HydraConfig
-
-                    run_dir = (
-                        HydraConfig.get().runtime.output_dir
-                        if HydraConfig.initialized()
-                        else "outputs/run"
-                    )
-                path = Path(run_dir).resolve()
+                path = chosen_output_dir(cfg, "outputs/run")
                 path.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(
                     path / "failed.json",
@@ -340,29 +313,5 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         raise
 
 
-def _hydra_main() -> None:
-    import hydra
-
-    # the deepspeed launcher appends --local_rank=N (Hydra would reject it); LOCAL_RANK says it too
-    for arg in list(sys.argv[1:]):
-        if arg.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-            sys.argv.remove(arg)
-    # ranks other than 0 must not create run directories of their own: rank 0's is broadcast
-    if int(os.environ.get("RANK", "0")) > 0:
-        sys.argv += [
-            "hydra.output_subdir=null",
-            "hydra.run.dir=.",
-            "hydra/job_logging=disabled",
-            "hydra/hydra_logging=disabled",
-        ]
-
-    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        run(cfg)
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry("config", run)

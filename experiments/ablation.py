@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.fileio import atomic_write_text
 from engine.metrics import read_metrics
+from engine.runtime.fileio import atomic_write_text
 from experiments.stats import PairedGain, Summary, paired_gain, summarize
 
 if TYPE_CHECKING:

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.fileio import atomic_write_text
+from engine.runtime.distributed import without_launcher_env
+from engine.runtime.fileio import atomic_write_text
 from experiments import bench_setup as setup
 from experiments.bench_report import Measurement, render_report, summarize
 
@@ -160,8 +161,8 @@ ADAPTERS = (
     ),
 )
 # bitsandbytes' CPU 4-bit kernels need layer widths that are multiples of 64
-# (engine.adapters.CPU_4BIT_IN_MULTIPLE): the adapter rows use the bench size with its MLP width
-# rounded up to one (small 688 -> 704, large 1376 -> 1408), for ours and TRL alike
+# (engine.model.adapters.CPU_4BIT_IN_MULTIPLE): the adapter rows use the bench size with its MLP
+# width rounded up to one (small 688 -> 704, large 1376 -> 1408), for ours and TRL alike
 ADAPTER_WIDTH_MULTIPLE = 64
 
 
@@ -230,7 +231,7 @@ def trainer_settings(plan: Plan, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def _worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = without_launcher_env()
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         TOKENIZERS_PARALLELISM="false",
@@ -240,17 +241,6 @@ def _worker_env() -> dict[str, str]:
         TQDM_DISABLE="1",
     )
     return env
-
-
-_LAUNCHER_VARS = {
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-}
 
 
 def run_one(spec: dict[str, Any], workdir: Path, tag: str, timeout: float) -> dict[str, Any]:
@@ -282,7 +272,7 @@ def check_tokenization(model_dir: Path, train_file: Path, pairs: list[dict]) -> 
     tokenization of the same rows is checked by tests/experiments/test_bench.py)."""
     from transformers import AutoTokenizer
 
-    from engine.data import load_pairs
+    from engine.data.loading import load_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     loaded, _ = load_pairs(str(train_file), tokenizer, max_length=10**6)

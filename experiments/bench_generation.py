@@ -1,5 +1,5 @@
-"""Generation speed: batched Hugging Face ``generate`` (``engine.generation.HFBackend``, left
-padding, KV cache) against one prompt at a time, in generated tokens per second.
+"""Generation speed: batched Hugging Face ``generate`` (``engine.generation.backends.HFBackend``,
+left padding, KV cache) against one prompt at a time, in generated tokens per second.
 
     python -m experiments.bench_generation            # -> experiments/results/bench_generation.md
     python -m experiments.bench_generation --quick    # a smoke run, report to the temp dir
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from engine.fileio import atomic_write_text
-from engine.generation import HFBackend
+from engine.generation.backends import HFBackend
+from engine.runtime.fileio import atomic_write_text
 from experiments.bench_setup import SIZES, PairSpec, build_model_dir, pair_texts, synthetic_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"

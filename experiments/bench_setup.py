@@ -147,8 +147,9 @@ def write_pairs(path: Path, pairs: list[dict[str, list[int]]]) -> Path:
 
 
 def tokenized_pairs(pairs: list[dict[str, list[int]]]) -> list[Any]:
-    """The pairs as :class:`~engine.data.TokenizedPair` (what the engine's ``load_pairs`` reads)."""
-    from engine.data import TokenizedPair
+    """The pairs as :class:`~engine.data.loading.TokenizedPair` (what the engine's ``load_pairs``
+    reads)."""
+    from engine.data.loading import TokenizedPair
 
     return [
         TokenizedPair(p["prompt"], p["chosen"], p["rejected"], f"index {i}")
@@ -160,13 +161,14 @@ def training_order(
     pairs: list[dict[str, list[int]]], trainer: dict[str, Any], steps: int, seed: int
 ) -> list[list[int]]:
     """The pair indices of each optimizer step, as ``engine.train`` visits them with this
-    ``trainer`` config (one process, grad_accum 1): the engine's own sampler, a pure function of
-    the step."""
+    ``trainer`` config (one process, grad_accum 1; keys not given: conf/trainer/default.yaml's):
+    the engine's own sampler, a pure function of the step."""
     from omegaconf import OmegaConf
 
-    from engine.batching import step_sampler
+    from engine.data.batching import step_sampler
 
-    sampler = step_sampler(tokenized_pairs(pairs), OmegaConf.create(trainer), 1, seed)
+    defaults = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/trainer/default.yaml")
+    sampler = step_sampler(tokenized_pairs(pairs), OmegaConf.merge(defaults, trainer), 1, seed)
     return [sampler.indices(step, 0, 0) for step in range(steps)]
 
 

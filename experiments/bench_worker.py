@@ -83,27 +83,30 @@ def compose_ours(overrides: list[str]) -> Any:
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with ``engine.train.train`` and read the step times back from its metrics."""
-    import engine.reference as reference_module
+    import engine.model.reference as reference_module
     import engine.train as train_module
     from engine.metrics import read_metrics
 
-    # the reference pass is engine.reference's score_pairs (evaluation scores through the loop's)
+    # the reference pass is engine.model.reference's logprobs_of_pairs (evaluation scores through
+    # the loop's)
     reference_seconds = 0.0
-    score_pairs = reference_module.score_pairs
+    logprobs_of_pairs = reference_module.logprobs_of_pairs
 
     def timed_score_pairs(*args: Any, **kwargs: Any) -> Any:  # measures, then calls through
         nonlocal reference_seconds
         start = time.perf_counter()
         try:
-            return score_pairs(*args, **kwargs)
+            return logprobs_of_pairs(*args, **kwargs)
         finally:
             reference_seconds += time.perf_counter() - start
 
-    reference_module.score_pairs = timed_score_pairs
+    reference_module.logprobs_of_pairs = timed_score_pairs
     try:
         train_module.train(compose_ours(ours_overrides(spec)))
     finally:
-        reference_module.score_pairs = score_pairs  # the next run of this process times afresh
+        reference_module.logprobs_of_pairs = (
+            logprobs_of_pairs  # the next run of this process times afresh
+        )
     rows = [row for row in read_metrics(Path(spec["run_dir"]) / "metrics.jsonl") if "step" in row]
     seconds = [
         spec["micro_batch"] / row["train/pairs_per_second"]
@@ -233,7 +236,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 def _trl_adapters(spec: dict[str, Any], settings: dict[str, Any]) -> tuple[Any, Any]:
     """TRL's model argument and ``peft_config`` for an adapter row: the same ``LoraConfig`` as
     the engine's ``model.lora``, and for QLoRA the base loaded with the engine's own
-    ``BitsAndBytesConfig`` (engine.adapters.quantization_config), so both quantize alike."""
+    ``BitsAndBytesConfig`` (engine.model.adapters.quantization_config), so both quantize alike."""
     if not spec.get("peft"):
         return spec["model_dir"], None
     from peft import LoraConfig
@@ -244,7 +247,7 @@ def _trl_adapters(spec: dict[str, Any], settings: dict[str, Any]) -> tuple[Any, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.adapters import quantization_config
+    from engine.model.adapters import quantization_config
 
     dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(

@@ -3,8 +3,8 @@
 Trains with ``engine.train.train`` on the benchmark's synthetic pairs and randomly initialised
 Llama (``experiments/bench_setup.py``; no download) with ``trainer.log_every=1``, so every step is a
 logged step and pays for the diagnostics (the worst case; the default logs every 10th step). The
-time spent in :class:`engine.diagnostics.GradientDiagnostics` (computing the weights and writing
-the TensorBoard histograms) is divided by the loop's total step time, read back from
+time spent in :class:`engine.gradient_weights.GradientDiagnostics` (computing the weights and
+writing the TensorBoard histograms) is divided by the loop's total step time, read back from
 ``metrics.jsonl``. Prints one line per model size.
 """
 

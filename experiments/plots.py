@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from engine.fileio import atomic_open
+from engine.runtime.fileio import atomic_open
 from experiments.stats import Summary
 
 __all__ = [
@@ -59,7 +59,8 @@ def mean_curve(runs: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray,
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Save a figure as PNG atomically (:func:`engine.fileio.atomic_open`), then close it."""
+    """Save a figure as PNG atomically (:func:`engine.runtime.fileio.atomic_open`), then close
+    it."""
     try:
         with atomic_open(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110, bbox_inches="tight")

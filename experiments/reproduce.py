@@ -42,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.fileio import atomic_write_json, atomic_write_text
+from engine.runtime.fileio import atomic_write_json, atomic_write_text
 
 PACKAGES = ("torch", "deepspeed", "transformers", "hydra-core", "numpy", "matplotlib")
 

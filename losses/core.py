@@ -288,9 +288,9 @@ def preference_loss(
     ratios = logps if refs is None else [x - ref for x, ref in zip(logps, refs, strict=True)]
     transform = F_DIVERGENCES[f_divergence_type]
     part_options = {k: v for k, v in options.items() if v is not None}
-    scores = [transform(r, **pick_options(transform, part_options)) for r in ratios]
+    transformed = [transform(r, **pick_options(transform, part_options)) for r in ratios]
     terms = PairTerms(
-        *scores,
+        *transformed,
         *logps,
         *(refs or (None, None)),
         kl_logratios=None if kl_logratios is None else wide(kl_logratios),
@@ -303,7 +303,7 @@ def preference_loss(
             needed("score_rejected", score_rejected, why),
             odpo_alpha,
         )
-    z = _margin_z(scores[0], scores[1], options, offsets)
+    z = _margin_z(transformed[0], transformed[1], options, offsets)
     # the objective, then the extra terms
     losses = torch.zeros_like(z)
     if preference_weight > 0:
@@ -332,8 +332,8 @@ def preference_loss(
 
 
 def _margin_z(
-    chosen_scores: torch.Tensor,
-    rejected_scores: torch.Tensor,
+    chosen_transformed: torch.Tensor,
+    rejected_transformed: torch.Tensor,
     options: dict[str, Any],
     offsets: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -341,12 +341,14 @@ def _margin_z(
     per-side objective, which has no margin, ``beta * (g_w - g_l)`` (what it reports)."""
     beta = options["beta"]
     if not crosses_margin(options["loss"]):
-        return beta * (chosen_scores - rejected_scores)
+        return beta * (chosen_transformed - rejected_transformed)
     scale = beta if options["margin_scale"] is None else options["margin_scale"]
-    z = MARGINS[options["margin"]](chosen_scores, rejected_scores, scale, options["alpha"])
+    z = MARGINS[options["margin"]](
+        chosen_transformed, rejected_transformed, scale, options["alpha"]
+    )
     if options["dpop_lambda"] > 0:
         # DPOP (arXiv 2402.13228, Eq. 3): lambda * max(0, log pi_ref(y_w) - log pi(y_w))
-        z = z - scale * options["dpop_lambda"] * torch.relu(-chosen_scores)
+        z = z - scale * options["dpop_lambda"] * torch.relu(-chosen_transformed)
     if options["gamma"] != 0:
         z = z - options["gamma"]
     if offsets is not None:  # ODPO

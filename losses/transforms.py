@@ -31,19 +31,19 @@ ALPHA_EXP_CLAMP = 80.0
 
 @F_DIVERGENCES.register()
 def reverse_kl(logratios: torch.Tensor) -> torch.Tensor:
-    """Reverse KL (standard DPO): f'(t) = log t + 1, so the score is r itself."""
+    """Reverse KL (standard DPO): f'(t) = log t + 1, so g(r) is r itself."""
     return logratios
 
 
 @F_DIVERGENCES.register()
 def forward_kl(logratios: torch.Tensor) -> torch.Tensor:
-    """Forward KL: f'(t) = 1 - 1/t, the score ``1 - exp(-r)``. Example: r = log 2 gives 0.5."""
+    """Forward KL: f'(t) = 1 - 1/t, g(r) = ``1 - exp(-r)``. Example: r = log 2 gives 0.5."""
     return -torch.expm1(-logratios)
 
 
 @F_DIVERGENCES.register()
 def js_divergence(logratios: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon: f'(t) = log(2t / (t + 1)), the score ``log 2 + log sigmoid(r)``.
+    """Jensen-Shannon: f'(t) = log(2t / (t + 1)), g(r) = ``log 2 + log sigmoid(r)``.
 
     Example: r = 0 gives 0.
     """
@@ -56,7 +56,7 @@ def alpha_divergence(
 ) -> torch.Tensor:
     """Alpha divergence: f'(t) = (t^(a - 1) - 1) / (a - 1), a = ``f_alpha_divergence_coef``.
 
-    The score is ``(exp((a - 1) r) - 1) / (a - 1)``, with (a - 1) r clamped at 80 as TRL does;
+    g(r) = ``(exp((a - 1) r) - 1) / (a - 1)``, with (a - 1) r clamped at 80 as TRL does;
     a = 1 is the reverse-KL limit (r itself). Example: a = 0.5, r = 0 gives 0.
     """
     shift = f_alpha_divergence_coef - 1.0

@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
+from engine.runtime.distributed import LAUNCHER_VARIABLES
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-
-_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
 def _isolated_rendezvous_env() -> Iterator[None]:
     """An in-process ``train()`` sets the rendezvous variables for its world of one; a later test
     that starts torchrun or a subprocess must not inherit them (its port is still bound here)."""
-    saved = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    saved = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
     yield
     for key, value in saved.items():
         if value is None:
@@ -94,3 +94,35 @@ def read_run_metrics(run: Path, key: str | None = None) -> list[dict[str, Any]]:
 def metrics_rows() -> Callable[..., list[dict[str, Any]]]:
     """``metrics_rows(run_dir, key=None)``: a run's metrics rows (those with ``key``)."""
     return read_run_metrics
+
+
+#: the embedded task shrunk to seconds (the task's tests, the end-to-end run, the reproduce smoke
+#: test): 1-digit problems (155 distinct prompts exist; the sets take 136 of them), a 2-layer
+#: model, SFT evaluated every 25 steps until a quarter of the validation answers are right (about
+#: 100 steps), then 8 samples for each of 16 prompts, which gives a correct and a wrong answer for
+#: most of them
+TINY_TASK = (
+    "data.problems.min_digits=1",
+    "data.problems.max_digits=1",
+    "data.problems.sft_problems=80",
+    "data.problems.pair_prompts=16",
+    "data.problems.eval_pair_prompts=8",
+    "data.problems.eval_problems=16",
+    "data.problems.sft_val_problems=16",
+    "data.sft.steps=200",
+    "data.sft.batch_size=32",
+    "data.sft.lr=3e-3",
+    "data.sft.eval_every=25",
+    "data.sft.accuracy_band=[0.25,0.7]",
+    "data.pairs.samples_per_prompt=8",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=192",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=4",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_task_overrides() -> tuple[str, ...]:
+    """The overrides of the embedded task shrunk to seconds (:data:`TINY_TASK`)."""
+    return TINY_TASK

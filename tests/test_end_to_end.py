@@ -15,28 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from engine.runtime.distributed import without_launcher_env
+
 REPO = Path(__file__).resolve().parents[1]
 
-#: the task shrunk to seconds: 1-digit problems, a 2-layer model, SFT until a quarter of the
-#: validation answers are right, 8 samples for each of 32 prompts; then 4 preference steps
-TINY = [
-    "data.problems.min_digits=1",
-    "data.problems.max_digits=1",
-    "data.problems.sft_problems=80",
-    "data.problems.pair_prompts=32",
-    "data.problems.eval_pair_prompts=8",
-    "data.problems.eval_problems=16",
-    "data.problems.sft_val_problems=16",
-    "data.sft.steps=200",
-    "data.sft.batch_size=32",
-    "data.sft.lr=3e-3",
-    "data.sft.eval_every=25",
-    "data.sft.accuracy_band=[0.25,0.7]",
-    "data.pairs.samples_per_prompt=8",
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=192",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=4",
+#: after the tiny task (tests/conftest.py), 4 preference steps
+TRAINER = [
     "trainer.max_steps=4",
     "trainer.micro_batch_size=4",
     "trainer.log_every=1",
@@ -44,21 +28,13 @@ TINY = [
     "trainer.tensorboard=false",
     "trainer.threads=1",
 ]
-OVERRIDES = ["loss=hinge", "margin=balanced", *TINY]
 BUILDING = "[task] building the SFT model and pairs"
-#: launcher variables a child must not inherit (it would join this process's rendezvous)
-LAUNCHER_VARS = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
-def _run(tmp_path: Path, run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+def _run(
+    tmp_path: Path, run_dir: Path, cache: Path, overrides: list[str]
+) -> subprocess.CompletedProcess:
+    env = without_launcher_env()  # a child must not join this process's rendezvous
     # torch keeps compiled extensions (DeepSpeed's CPU ops) under XDG_CACHE_HOME too: point it at
     # the usual place, so the test does not spend half a minute compiling them again
     default_cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -68,7 +44,7 @@ def _run(tmp_path: Path, run_dir: Path, cache: Path) -> subprocess.CompletedProc
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
     )
-    cmd = [sys.executable, "-m", "engine.train", *OVERRIDES, f"output_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "engine.train", *overrides, f"output_dir={run_dir}"]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -84,19 +60,22 @@ def _problem(prompt: str):
 
 
 @pytest.mark.slow
-def test_default_run_end_to_end_then_reuses_the_cache(tmp_path: Path, compose_config) -> None:
+def test_default_run_end_to_end_then_reuses_the_cache(
+    tmp_path: Path, compose_config, tiny_task_overrides
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.task.arithmetic import verify
-    from engine.task.generation import greedy_accuracy
     from engine.task.pipeline import COMPLETE, _problem_sets, cache_key
+    from engine.task.sampling import greedy_accuracy
 
+    overrides = ["loss=hinge", "margin=balanced", *tiny_task_overrides, *TRAINER]
     cache = tmp_path / "cache"
-    first = _run(tmp_path, tmp_path / "run", cache)
+    first = _run(tmp_path, tmp_path / "run", cache, overrides)
     assert BUILDING in first.stdout + first.stderr
 
-    cfg = compose_config(OVERRIDES)
+    cfg = compose_config(overrides)
     entry = cache / "preference-loss-zoo" / f"math-{cache_key(cfg)}"
     assert (entry / COMPLETE).is_file()
     assert not list(entry.parent.glob("*.building-*"))
@@ -150,7 +129,7 @@ def test_default_run_end_to_end_then_reuses_the_cache(tmp_path: Path, compose_co
 
     # a second run on the same cache reuses it: no build, the entry untouched, same results
     stamps = {p: p.stat().st_mtime_ns for p in entry.rglob("*")}
-    second = _run(tmp_path, tmp_path / "run2", cache)
+    second = _run(tmp_path, tmp_path / "run2", cache, overrides)
     assert BUILDING not in second.stdout + second.stderr
     assert {p: p.stat().st_mtime_ns for p in entry.rglob("*")} == stamps
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name, f"{entry.name}.lock"]

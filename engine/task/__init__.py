@@ -1,9 +1,12 @@
-"""The embedded default task: verifiable multi-digit arithmetic and its char-level tokenizer.
+"""The embedded default task: verifiable multi-digit arithmetic, its char-level tokenizer, its SFT
+stage and its cached pairs.
 
-The arithmetic is re-exported here (stdlib only); the tokenizer lives in ``engine.task.tokenizer``
-so that importing the task does not import ``transformers``.
+Importing the package registers the task's verifier (``arithmetic``) and data source (``math``)
+(:mod:`engine.task.register`). The arithmetic is re-exported here (stdlib only); the tokenizer lives
+in ``engine.task.tokenizer`` so that importing the task does not import ``transformers``.
 """
 
+from engine.task import register as _register  # noqa: F401  (the verifier and data source)
 from engine.task.arithmetic import (
     ANSWER_MARKER,
     Problem,

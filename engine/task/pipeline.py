@@ -34,10 +34,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.data import write_jsonl
-from engine.fileio import atomic_write_json
+from engine.data.loading import write_jsonl
+from engine.runtime.fileio import atomic_write_json
 from engine.task.arithmetic import Problem, split_problems
-from engine.task.generation import MAX_NEW_TOKENS, greedy_accuracy, task_pairs
+from engine.task.sampling import MAX_NEW_TOKENS, greedy_accuracy, task_pairs
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def prepare_math_task(cfg: DictConfig) -> MathTask:
 
 
 def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None:
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
     from engine.task.tokenizer import build_tokenizer
 
     started = time.time()

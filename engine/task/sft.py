@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.batching import collate_sequences
-from engine.logprobs import SequenceLogProbs
+from engine.data.batching import collate_sequences
+from engine.model.logprobs import SequenceLogProbs
 from engine.task.arithmetic import Problem, solution
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from engine.fileio import atomic_write_text
+from engine.runtime.fileio import atomic_write_text
 from experiments.ablation import Run, write_report
 from experiments.tables import convergence, costs, hypothesis, methods, scale
 from experiments.tables.select import collect, group, method_of, optimizer_of, sft_accuracy, size_of

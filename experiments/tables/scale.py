@@ -62,7 +62,7 @@ def parameter_count(run: Run) -> int | None:
     """Parameters of the run's tiny model, counted on a model built from its config."""
     from omegaconf import OmegaConf
 
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
     from engine.task.tokenizer import build_tokenizer
 
     model_cfg = run.config.get("model")

@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,29 +24,12 @@ from typing import Any
 
 import pytest
 
+from engine.runtime.distributed import without_launcher_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: metrics that measure time, not training: excluded from every equality check
 TIMING_KEYS = frozenset({"train/pairs_per_second", "pairs_per_second", "wall_seconds"})
-
-#: variables children must not inherit: those a launcher (or an in-process ``train``, which sets
-#: a world of one) leaves behind, else a plain ``python -m engine.train`` would try to rendezvous
-#: on this process's port
-CHILD_ENV_DROP = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "SLURM_PROCID",
-    "SLURM_LOCALID",
-    "SLURM_STEP_NUM_TASKS",
-)
 
 
 # ---- tiny arithmetic pairs --------------------------------------------------------------------
@@ -159,7 +143,9 @@ def assert_rows_match(
     atol: float = 0.0,
     ignore: Iterable[str] = (),
 ) -> None:
-    """Same steps, same keys, every numeric non-timing value within ``rtol`` / ``atol``."""
+    """Same steps, same keys, every numeric non-timing value within ``rtol`` / ``atol``; at least
+    one row (two empty lists are no evidence that two runs agree)."""
+    assert expected, "no rows to compare: the reference run logged nothing"
     ignore = set(ignore)
     assert [r["step"] for r in actual] == [r["step"] for r in expected], (
         f"logged steps differ: {[r['step'] for r in actual]} vs {[r['step'] for r in expected]}"
@@ -203,7 +189,9 @@ def metrics_match() -> SimpleNamespace:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This environment minus launcher variables, plus one thread and the repo on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
+    # without the launcher variables (a launcher's, or those an in-process ``train`` set for a
+    # world of one), else a plain ``python -m engine.train`` would rendezvous on this port
+    env = without_launcher_env()
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(extra)
@@ -285,3 +273,126 @@ def cli() -> SimpleNamespace:
 def jsonl() -> SimpleNamespace:
     """``read(path)`` and ``write(path, rows)`` for JSON Lines; ``pairs(n, seed)`` makes rows."""
     return SimpleNamespace(read=read_jsonl, write=write_jsonl, pairs=make_pairs)
+
+
+# ---- runs shared by the resume, distributed and adapter tests ---------------------------------
+
+#: steps of test_distributed's runs; of test_resume's (a checkpoint every step)
+DISTRIBUTED_STEPS = 3
+RESUME_STEPS = 6
+
+
+def distributed_overrides(pair_files, micro_batch_size: int, stage: str) -> list[str]:
+    """Three steps of the tiny model on the pair files under ``stage``, every step logged, eval
+    every 2 (what test_distributed compares across world sizes)."""
+    return [
+        "model=tiny",
+        "data=files",
+        f"data.train={pair_files.train}",
+        f"data.eval={pair_files.eval}",
+        f"deepspeed={stage}",
+        f"trainer.max_steps={DISTRIBUTED_STEPS}",
+        f"trainer.micro_batch_size={micro_batch_size}",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.progress_bar=false",
+        "trainer.tensorboard=false",
+        "trainer.threads=1",
+    ]
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The one run directory Hydra created under ``cwd/outputs``; nothing else was written."""
+    run_dirs = sorted(p.parent for p in cwd.rglob("metrics.jsonl"))
+    assert len(run_dirs) == 1, f"expected one run directory, found {run_dirs}"
+    run_dir = run_dirs[0]
+    assert run_dir.relative_to(cwd).parts[0] == "outputs"
+    strays = [p for p in cwd.rglob("*") if p.is_file() and run_dir not in p.parents]
+    assert not strays, f"files written outside the run directory: {strays}"
+    return run_dir
+
+
+def resume_overrides(base_overrides, run_dir: Path, *extra: str) -> list[str]:
+    """Six steps of two pairs; train rows every 2 steps, eval every 3, a checkpoint every step."""
+    return [
+        *base_overrides(run_dir, eval=True, steps=RESUME_STEPS),
+        "trainer.log_every=2",
+        "trainer.eval_every=3",
+        "trainer.save_every=1",
+        "trainer.keep_checkpoints=2",
+        "trainer.tensorboard=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+#: ``python _child.py <k> <overrides...>``: ``python -m engine.train``, with each checkpoint save
+#: wrapped to print SAVED <step> once it is complete and, at step k, to wait to be killed
+_CHILD = """
+import runpy, sys, time
+import engine.run_state as run_state
+
+kill_at = int(sys.argv.pop(1))
+real_save = run_state.save
+
+def save(engine, checkpoint_dir, state, keep, device):
+    real_save(engine, checkpoint_dir, state, keep, device)
+    print(f"SAVED {state.step}", flush=True)
+    if state.step == kill_at:
+        time.sleep(600)
+
+run_state.save = save
+runpy.run_module("engine.train", run_name="__main__", alter_sys=True)  # python -m engine.train
+"""
+
+
+def run_and_kill(overrides: list[str], kill_at: int, cwd: Path) -> str:
+    """Run training in a child and SIGKILL it from here once step ``kill_at``'s save is complete;
+    returns the child's output."""
+    script = cwd / "_child.py"
+    script.write_text(_CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(kill_at), *overrides],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(300, kill_tree, [proc.pid])  # never hang the suite
+    watchdog.start()
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.strip() == f"SAVED {kill_at}":
+                kill_tree(proc.pid)
+                break
+        output.append(proc.stdout.read())
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    text = "".join(output)
+    assert proc.returncode == -9, f"return code {proc.returncode}\n{text[-4000:]}"
+    return text
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def runs() -> SimpleNamespace:
+    """Runs other test modules repeat: ``distributed_overrides(pair_files, micro, stage)`` and
+    ``distributed_steps``; ``only_run_dir(cwd)``; ``resume_overrides(base_overrides, run_dir,
+    *extra)`` and ``resume_steps``; ``run_and_kill(overrides, kill_at, cwd)`` (SIGKILL once step
+    ``kill_at``'s save is complete); ``results(run_dir)`` (its results.json)."""
+    return SimpleNamespace(
+        distributed_overrides=distributed_overrides,
+        distributed_steps=DISTRIBUTED_STEPS,
+        only_run_dir=only_run_dir,
+        resume_overrides=resume_overrides,
+        resume_steps=RESUME_STEPS,
+        run_and_kill=run_and_kill,
+        results=read_results,
+    )

@@ -1,9 +1,10 @@
-"""LoRA / QLoRA adapters (engine/adapters.py): the config checks, which parameters train, the
+"""LoRA / QLoRA adapters (engine/model/adapters.py): the config checks, which parameters train, the
 reference of fresh adapters, DeepSpeed steps under every ZeRO stage, and the two exports.
 
 The DeepSpeed parts drive the engine's own pieces (``load_model(adapters=True)``,
-:class:`engine.logprobs.SequenceLogProbs`, ``build_deepspeed_config``, ``build_objective``) on the
-tiny model in this process, two steps each. QLoRA runs on this CPU with bitsandbytes' CPU kernels.
+:class:`engine.model.logprobs.SequenceLogProbs`, ``build_deepspeed_config``, ``build_objective``) on
+the tiny model in this process, two steps each. QLoRA runs on this CPU with bitsandbytes' CPU
+kernels.
 
 Tolerances, and why:
 - ``EXACT``: the same float32 operations in the same order must give the same bits.
@@ -23,15 +24,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from engine import adapters
-from engine import distributed as dist_utils
-from engine.adapter_export import export_adapters
 from engine.config import ConfigError, build_deepspeed_config, build_objective
-from engine.logprobs import SequenceLogProbs
-from engine.modeling import load_model, load_tokenizer
-from tests.conftest import compose
-
-from .conftest import make_pairs
+from engine.model import adapters
+from engine.model.adapter_export import export_adapters
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import SequenceLogProbs
+from engine.runtime import distributed as dist_utils
 
 MERGE_RTOL = 1e-5
 QLORA_NOGRAD_RTOL = 1e-4
@@ -39,15 +37,17 @@ LORA = "model.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: null, modules_
 LINEAR_NAMES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-def config(*overrides: str):
-    """The composed tiny config (float32) with ``overrides``."""
-    return compose(["model=tiny", "model.dtype=float32", *overrides])
+@pytest.fixture(scope="module")
+def config(compose_config):
+    """``config(*overrides)``: the composed tiny config (float32) with ``overrides``."""
+    return lambda *overrides: compose_config(["model=tiny", "model.dtype=float32", *overrides])
 
 
-def lora_config(*overrides: str):
-    """The tiny config with LoRA r 4, alpha 8 on every linear layer (every key spelled out, so
-    that overrides such as ``model.lora.target_modules=[q_proj]`` compose)."""
-    return config(LORA, *overrides)
+@pytest.fixture(scope="module")
+def lora_config(config):
+    """``lora_config(*overrides)``: the tiny config with LoRA r 4, alpha 8 on every linear
+    layer (every key spelled out)."""
+    return lambda *overrides: config(LORA, *overrides)
 
 
 # ---- config checks ----------------------------------------------------------------------------
@@ -59,18 +59,18 @@ def lora_config(*overrides: str):
         ("{r: 0, alpha: 8}", "model.lora.r: must be an integer > 0, got 0"),
         ("{r: -2, alpha: 8}", "model.lora.r: must be an integer > 0"),
         ("{r: 2.5, alpha: 8}", "model.lora.r: must be an integer > 0"),
-        ("{r: 4, alpha: 0}", "model.lora.alpha: must be a number > 0"),
+        ("{r: 4, alpha: 0}", "model.lora.alpha: must be null .= r. or a number > 0"),
         ("{r: 4, alpha: 8, dropout: 1.0}", "model.lora.dropout: must be in [0, 1)"),
         ("{r: 4, alpha: 8, target_modules: q_proj}", "model.lora.target_modules: must be null"),
     ],
 )
-def test_bad_lora_values_name_the_key(lora, message):
+def test_bad_lora_values_name_the_key(lora, message, config):
     cfg = config(f"model.lora={lora}")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         adapters.validate_adapter_config(cfg.model)
 
 
-def test_an_unknown_target_module_lists_the_models_linear_layers():
+def test_an_unknown_target_module_lists_the_models_linear_layers(lora_config):
     cfg = lora_config("model.lora.target_modules=[q_proj,qkv_proj]")
     tokenizer = load_tokenizer(cfg.model)
     with pytest.raises(ConfigError, match=r"\['qkv_proj'\] are not linear layers") as error:
@@ -78,21 +78,21 @@ def test_an_unknown_target_module_lists_the_models_linear_layers():
     assert ", ".join(LINEAR_NAMES) in str(error.value)
 
 
-def test_an_unknown_module_to_save_is_named():
+def test_an_unknown_module_to_save_is_named(lora_config):
     cfg = lora_config("model.lora.modules_to_save=[lm_headd]")
     tokenizer = load_tokenizer(cfg.model)
     with pytest.raises(ConfigError, match=r"modules_to_save: \['lm_headd'\]"):
         load_model(cfg.model, tokenizer, adapters=True)
 
 
-def test_quantization_values_and_requirements():
+def test_quantization_values_and_requirements(config, lora_config):
     with pytest.raises(ConfigError, match=r"model.quantization: must be null, 4bit or 8bit"):
         adapters.validate_adapter_config(lora_config("model.quantization=2bit").model)
     with pytest.raises(ConfigError, match="quantized training needs adapters"):
         adapters.validate_adapter_config(config("model.quantization=4bit").model)
 
 
-def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch):
+def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch, lora_config):
     real = adapters.importlib.util.find_spec
     monkeypatch.setattr(
         adapters.importlib.util,
@@ -105,7 +105,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch):
 
 
 @pytest.mark.parametrize("stage", ["zero3", "zero3_offload"])
-def test_4bit_under_zero3_on_a_cpu_is_refused(stage):
+def test_4bit_under_zero3_on_a_cpu_is_refused(stage, lora_config):
     cfg = lora_config("model.quantization=4bit", f"deepspeed={stage}")
     with pytest.raises(ConfigError, match="4bit with a ZeRO-3 deepspeed config on a CPU"):
         adapters.validate_adapter_config(cfg.model, cfg.deepspeed, cuda=False)
@@ -114,12 +114,12 @@ def test_4bit_under_zero3_on_a_cpu_is_refused(stage):
     adapters.validate_adapter_config(cfg8.model, cfg8.deepspeed, cuda=False)  # measured to work
 
 
-def test_a_missing_adapter_directory_is_named(tmp_path):
+def test_a_missing_adapter_directory_is_named(tmp_path, config):
     with pytest.raises(ConfigError, match=r"model.adapter: .* is not a PEFT adapter directory"):
         adapters.validate_adapter_config(config(f"model.adapter={tmp_path}").model)
 
 
-def test_4bit_layer_widths_the_cpu_kernels_cannot_run_are_named():
+def test_4bit_layer_widths_the_cpu_kernels_cannot_run_are_named(lora_config):
     cfg = lora_config("model.quantization=4bit", "model.tiny.intermediate_size=200")
     tokenizer = load_tokenizer(cfg.model)
     with pytest.raises(ConfigError, match=r"down_proj \(200 -> 128\)") as error:
@@ -131,15 +131,20 @@ def test_the_model_presets_compose_with_the_adapter_keys():
     for name in ("tiny", "hf"):
         model = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / f"{name}.yaml")
         assert {"lora", "quantization", "adapter"} <= set(model), name
-        assert model.lora is None and model.quantization is None and model.adapter is None
+        assert model.lora.r is None and model.quantization is None and model.adapter is None
 
 
 # ---- building the policy ----------------------------------------------------------------------
 
 
-def plain_inputs(tokenizer, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``n`` chosen then ``n`` rejected sequences of the tiny task, padded, response-masked."""
-    rows = make_pairs(n, seed)
+@pytest.fixture(scope="module")
+def plain_inputs(jsonl):
+    """``plain_inputs(tokenizer, n=4, seed=0)``: ``n`` chosen then ``n`` rejected sequences of
+    the tiny task, padded, response-masked."""
+    return lambda tokenizer, n=4, seed=0: _padded_inputs(tokenizer, jsonl.pairs(n, seed))
+
+
+def _padded_inputs(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
     sequences, masks = [], []
     for side in ("chosen", "rejected"):
         for row in rows:
@@ -161,7 +166,7 @@ def scored(model, inputs) -> torch.Tensor:
         return SequenceLogProbs(adapters.unwrap(model).eval(), chunk_size=64)(**inputs)[0]
 
 
-def test_only_adapter_parameters_train_and_all_linear_layers_are_adapted():
+def test_only_adapter_parameters_train_and_all_linear_layers_are_adapted(lora_config):
     cfg = lora_config()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, adapters=True)
@@ -175,7 +180,7 @@ def test_only_adapter_parameters_train_and_all_linear_layers_are_adapted():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_modules_to_save_train_whole_modules():
+def test_modules_to_save_train_whole_modules(lora_config):
     cfg = lora_config(
         "model.lora.target_modules=[q_proj,v_proj]", "model.lora.modules_to_save=[o_proj]"
     )
@@ -189,7 +194,7 @@ def test_modules_to_save_train_whole_modules():
     }
 
 
-def test_fresh_adapters_are_the_base_model_exactly():
+def test_fresh_adapters_are_the_base_model_exactly(lora_config, plain_inputs):
     """LoRA's B starts at zero: the initial policy IS the base, so the precomputed reference needs
     no second model and no adapter switch."""
     cfg = lora_config()
@@ -201,7 +206,7 @@ def test_fresh_adapters_are_the_base_model_exactly():
     assert torch.equal(scored(policy, inputs), scored(base, inputs))
 
 
-def test_disabling_the_adapters_gives_the_base_without_a_copy():
+def test_disabling_the_adapters_gives_the_base_without_a_copy(lora_config, plain_inputs):
     cfg = lora_config()
     tokenizer = load_tokenizer(cfg.model)
     base = load_model(cfg.model, tokenizer, seed=3)
@@ -218,7 +223,7 @@ def test_disabling_the_adapters_gives_the_base_without_a_copy():
     assert torch.equal(scored(policy, inputs), adapted)  # back on afterwards
 
 
-def test_qlora_builds_a_4bit_base_with_float_adapters():
+def test_qlora_builds_a_4bit_base_with_float_adapters(lora_config):
     cfg = lora_config("model.quantization=4bit")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, adapters=True)
@@ -281,7 +286,7 @@ STAGES = ["zero0", "zero1", "zero2", "zero3"]
 
 
 @pytest.fixture(scope="module", params=[(s, q) for s in STAGES for q in (None, "4bit")])
-def trained(request, tmp_path_factory):
+def trained(request, tmp_path_factory, lora_config, plain_inputs):
     """Two steps of LoRA (and QLoRA where this CPU can run it) under a ZeRO stage, exported."""
     stage, quantization = request.param
     if quantization == "4bit" and stage == "zero3":
@@ -383,7 +388,7 @@ def test_final_model_is_the_adapter_merged_into_the_unquantized_base(trained):
 
 
 @pytest.mark.slow
-def test_bf16_base_under_zero3_keeps_the_adapters_in_bf16():
+def test_bf16_base_under_zero3_keeps_the_adapters_in_bf16(lora_config, plain_inputs):
     """TRL #6089: peft upcasts adapters to float32 on a bf16 base, and a bf16 ZeRO-3 engine then
     fails at its first step. Ours stay in the model's dtype (DeepSpeed keeps fp32 masters)."""
     cfg = lora_config("deepspeed=zero3", "model.dtype=bfloat16")
@@ -395,7 +400,7 @@ def test_bf16_base_under_zero3_keeps_the_adapters_in_bf16():
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_with_adapters_under_zero3_matches_zero0():
+def test_gradient_checkpointing_with_adapters_under_zero3_matches_zero0(lora_config, plain_inputs):
     """TRL #2514: PEFT + gradient checkpointing under ZeRO-3. Non-reentrant checkpointing needs no
     input gradients; the losses must equal plain ZeRO-0's to float rounding."""
     runs = {}
@@ -409,7 +414,7 @@ def test_gradient_checkpointing_with_adapters_under_zero3_matches_zero0():
 
 
 @pytest.mark.slow
-def test_every_loss_and_margin_trains_adapters_for_two_steps():
+def test_every_loss_and_margin_trains_adapters_for_two_steps(lora_config, plain_inputs):
     from losses import LOSSES, MARGINS
 
     cfg = lora_config("deepspeed=zero0")
@@ -432,7 +437,7 @@ def test_every_loss_and_margin_trains_adapters_for_two_steps():
 # ---- resume: checkpoints hold the adapters, and resuming is exact ------------------------------
 
 
-def resumed_equals_uninterrupted(cfg, tmp_path: Path, save) -> None:
+def resumed_equals_uninterrupted(cfg, tmp_path: Path, save, plain_inputs) -> None:
     """Two steps, a checkpoint (``save(engine, dir)``), two more steps; a fresh policy loads the
     checkpoint and takes the same two steps: the losses must be the same bits."""
     from engine.checkpoint import load_checkpoint
@@ -461,9 +466,9 @@ def engine_save(engine, directory: Path) -> None:
 @pytest.mark.parametrize(
     ("stage", "quantization"), [("zero0", None), ("zero3", None), ("zero0", "4bit")]
 )
-def test_resume_with_adapters_is_exact(tmp_path, stage, quantization):
+def test_resume_with_adapters_is_exact(tmp_path, stage, quantization, lora_config, plain_inputs):
     cfg = lora_config(f"deepspeed={stage}", f"model.quantization={quantization or 'null'}")
-    resumed_equals_uninterrupted(cfg, tmp_path, engine_save)
+    resumed_equals_uninterrupted(cfg, tmp_path, engine_save, plain_inputs)
     # the checkpoint holds the adapters, not the base
     states = next(tmp_path.glob("step_2/*model_states.pt"))
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
@@ -471,10 +476,10 @@ def test_resume_with_adapters_is_exact(tmp_path, stage, quantization):
 
 
 @pytest.mark.slow
-def test_qlora_resume_under_zero2_is_exact(tmp_path):
+def test_qlora_resume_under_zero2_is_exact(tmp_path, lora_config, plain_inputs):
     """ZeRO-1/2 would also save frozen parameters' data beside the module state: a 4-bit weight
     that bitsandbytes' CPU kernels have repacked no longer fits a fresh model's shape. The
     engine's save leaves frozen parameters out (``exclude_frozen_parameters``), so resume is
     exact."""
     cfg = lora_config("deepspeed=zero2", "model.quantization=4bit")
-    resumed_equals_uninterrupted(cfg, tmp_path, engine_save)
+    resumed_equals_uninterrupted(cfg, tmp_path, engine_save, plain_inputs)

@@ -15,13 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from engine import adapters
-from engine.modeling import load_model, load_tokenizer
-from engine.reference import REFERENCE_FILE
-
-from .test_distributed import only_run_dir
-from .test_distributed import overrides as distributed_overrides
-from .test_resume import STEPS, overrides_for, read_results, run_and_kill
+from engine.model import adapters
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.reference import REFERENCE_FILE
 
 LORA = "model.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: null, modules_to_save: null}"
 RTOL = 1e-4
@@ -86,8 +82,8 @@ def test_the_live_reference_of_fresh_adapters_is_the_policy_with_them_disabled(
     live, live_dir = train_run(
         tmp_path / "live", *options, "reference.precompute=false", eval=True, steps=3
     )
-    train_scores, _ = torch.load(live_dir / REFERENCE_FILE, weights_only=False)
-    assert train_scores is None  # the live path ran: nothing precomputed for training
+    train_logprobs, _ = torch.load(live_dir / REFERENCE_FILE, weights_only=False)
+    assert train_logprobs is None  # the live path ran: nothing precomputed for training
     metrics_match.rows(metrics_rows(live_dir), metrics_rows(pre_dir), rtol=1e-6, atol=ATOL)
     assert live["train"]["chosen_reward"] != 0.0
 
@@ -114,8 +110,8 @@ def test_continuing_an_adapter_references_the_policy_with_that_adapter(
     # and the reference is not the bare base: the base scores the pairs differently
     config = OmegaConf.load(pre_dir / "config.yaml")
     tokenizer = load_tokenizer(config.model)
-    train_scores, _ = torch.load(pre_dir / REFERENCE_FILE, weights_only=False)
-    from engine.data import load_pairs
+    train_logprobs, _ = torch.load(pre_dir / REFERENCE_FILE, weights_only=False)
+    from engine.data.loading import load_pairs
     from tests.engine.test_adapters import scored
 
     pairs, _ = load_pairs(config.data.train, tokenizer, max_length=config.data.max_length)
@@ -127,22 +123,22 @@ def test_continuing_an_adapter_references_the_policy_with_that_adapter(
     base_logp = scored(
         base, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response}
     )[0]
-    assert abs(float(base_logp) - float(train_scores.chosen_logps[0])) > 1e-3
+    assert abs(float(base_logp) - float(train_logprobs.chosen_logps[0])) > 1e-3
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_two_processes_with_lora_match_one(
-    tmp_path, pair_files, cli, metrics_rows, metrics_match, stage
+    tmp_path, pair_files, cli, metrics_rows, metrics_match, stage, runs
 ):
     one = tmp_path / "one"
-    proc = cli.run([*distributed_overrides(pair_files, 4, "zero2"), LORA], cwd=one)
+    proc = cli.run([*runs.distributed_overrides(pair_files, 4, "zero2"), LORA], cwd=one)
     assert proc.returncode == 0, cli.describe(proc)
     two = tmp_path / "two"
-    proc = cli.run([*distributed_overrides(pair_files, 2, stage), LORA], cwd=two, nproc=2)
+    proc = cli.run([*runs.distributed_overrides(pair_files, 2, stage), LORA], cwd=two, nproc=2)
     assert proc.returncode == 0, cli.describe(proc)
-    one_dir, two_dir = only_run_dir(one), only_run_dir(two)
+    one_dir, two_dir = runs.only_run_dir(one), runs.only_run_dir(two)
     assert json.loads((two_dir / "results.json").read_text())["world_size"] == 2
     metrics_match.rows(
         metrics_rows(two_dir), metrics_rows(one_dir), rtol=RTOL, atol=DISTRIBUTED_ATOL
@@ -178,20 +174,21 @@ REWARD_METRICS = tuple(
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", [None, "4bit"], ids=["lora", "qlora"])
 def test_sigkill_and_resume_with_adapters_matches_uninterrupted(
-    tmp_path, base_overrides, cli, metrics_rows, metrics_match, quantization
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, quantization, runs
 ):
     extra = (LORA, f"model.quantization={quantization or 'null'}")
     rtol, atol = RESUME_TOLERANCE[quantization]
     whole = tmp_path / "whole" / "run"
-    proc = cli.run(overrides_for(base_overrides, whole, *extra), cwd=whole.parent)
+    proc = cli.run(runs.resume_overrides(base_overrides, whole, *extra), cwd=whole.parent)
     assert proc.returncode == 0, cli.describe(proc)
 
     run_dir = tmp_path / "killed" / "run"
     run_dir.parent.mkdir(parents=True)
-    run_and_kill(cli, overrides_for(base_overrides, run_dir, *extra), 4, run_dir.parent)
+    runs.run_and_kill(runs.resume_overrides(base_overrides, run_dir, *extra), 4, run_dir.parent)
     assert not (run_dir / "final_adapter").exists()
     resumed = cli.run(
-        overrides_for(base_overrides, run_dir, *extra, "trainer.resume=auto"), cwd=run_dir.parent
+        runs.resume_overrides(base_overrides, run_dir, *extra, "trainer.resume=auto"),
+        cwd=run_dir.parent,
     )
     assert resumed.returncode == 0, cli.describe(resumed)
     assert "resuming from" in resumed.stdout + resumed.stderr
@@ -200,8 +197,8 @@ def test_sigkill_and_resume_with_adapters_matches_uninterrupted(
         metrics_rows(run_dir), metrics_rows(whole), rtol=rtol, atol=atol, ignore=ignore
     )
     if not quantization:
-        metrics_match.results(read_results(run_dir), read_results(whole), rtol=0, atol=0)
-    assert [r["step"] for r in metrics_rows(run_dir, "train/loss")][-1] == STEPS
+        metrics_match.results(runs.results(run_dir), runs.results(whole), rtol=0, atol=0)
+    assert [r["step"] for r in metrics_rows(run_dir, "train/loss")][-1] == runs.resume_steps
     for name in ("final_adapter/adapter_model.safetensors", "final_model/model.safetensors"):
         got, want = load_file(run_dir / name), load_file(whole / name)
         assert got.keys() == want.keys(), name

@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from engine.benchmarks import PAPER_SYSTEM, Benchmark, benchmarks_from_config
-from engine.generation import render_prompt
+from engine.generation.backends import render_prompt
+from engine.generation.benchmarks import PAPER_SYSTEM, Benchmark, benchmarks_from_config
 from engine.verifiers import VERIFIERS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -231,7 +231,7 @@ def test_limit_takes_the_first_problems(tmp_path: Path) -> None:
 
 def test_paper_ablation_names_the_papers_five_benchmarks() -> None:
     from engine.config import ConfigError, validate_config
-    from engine.evaluate import benchmark_evaluators
+    from engine.generation.evaluation import benchmark_evaluators
 
     five = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

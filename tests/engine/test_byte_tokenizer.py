@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from engine.byte_tokenizer import NUM_BYTES, ROLE_TOKENS, SPECIAL_TOKENS, build_byte_tokenizer
-from engine.data import load_pairs
-from engine.modeling import load_tokenizer
+from engine.data.byte_tokenizer import NUM_BYTES, ROLE_TOKENS, SPECIAL_TOKENS, build_byte_tokenizer
+from engine.data.loading import load_pairs
+from engine.model.loading import load_tokenizer
 
 SAMPLES = [
     "plain ASCII, with  two spaces\tand a tab\n",

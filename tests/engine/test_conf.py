@@ -23,7 +23,7 @@ from engine.config import (
     grad_accum_steps,
     validate_config,
 )
-from engine.modeling import resolve_dtype
+from engine.model.loading import resolve_dtype
 from losses import LOSSES, MARGINS, PAIR_LOSSES, PreferenceLoss
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

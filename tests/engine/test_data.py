@@ -1,6 +1,6 @@
-"""Tests for engine.data: every source type, the three row formats, chat rendering, truncation,
-bad rows in both modes, and write_jsonl's atomicity. Fixtures are written to tmp_path; the
-tokenizer is a character-level one built in code (one token per printable character)."""
+"""Tests for engine.data.loading: every source type, the three row formats, chat rendering,
+truncation, bad rows in both modes, and write_jsonl's atomicity. Fixtures are written to tmp_path;
+the tokenizer is a character-level one built in code (one token per printable character)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from engine.data import (
+from engine.data.loading import (
     BadRowError,
     DataReport,
     TokenizedPair,
@@ -393,7 +393,7 @@ def test_bad_rows_in_other_sources_are_named_by_index(tmp_path, tok) -> None:
 def test_skip_mode_logs_one_summary_and_counts_reasons(tmp_path, tok, caplog) -> None:
     rows = [ROW, "{", "{", {"prompt": "a", "chosen": "b", "rejected": "b"}, ROW]
     source = write_lines(tmp_path / "data.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="engine.data"):
+    with caplog.at_level(logging.WARNING, logger="engine.data.loading"):
         _, report = load_pairs(source, tok, on_bad_row="skip")
     assert report.skipped == {"invalid_json": 2, "identical_responses": 1}
     [record] = caplog.records

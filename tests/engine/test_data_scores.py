@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from engine.data import BadRowError, load_pairs
+from engine.data.loading import BadRowError, load_pairs
 from experiments.bench_setup import build_tokenizer
 
 ROW = {"prompt": "t5 t6", "chosen": " t7", "rejected": " t8"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.distributed import rendezvous_env
+from engine.runtime.distributed import rendezvous_env
 
 
 def test_a_launcher_is_left_alone() -> None:
@@ -56,7 +56,7 @@ def test_a_batch_script_in_a_multi_task_allocation_is_a_world_of_one() -> None:
 def test_compressed_node_list_without_scontrol_falls_back_to_the_launch_node(
     monkeypatch,
 ) -> None:
-    monkeypatch.setattr("engine.distributed.shutil.which", lambda name: None)
+    monkeypatch.setattr("engine.runtime.distributed.shutil.which", lambda name: None)
     env = rendezvous_env(
         {
             "SLURM_STEP_NUM_TASKS": "16",

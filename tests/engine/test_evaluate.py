@@ -15,9 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.evaluate import Record, average, generate_and_judge, markdown_table, summarize
-from engine.generation import PromptFormat
-from engine.sharding import gather_in_order, shard
+from engine.generation.backends import PromptFormat
+from engine.generation.evaluation import (
+    Record,
+    average,
+    generate_and_judge,
+    markdown_table,
+    summarize,
+)
+from engine.runtime.distributed import gather_in_order, shard, without_launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,8 +94,7 @@ def test_shard_deals_round_robin_and_gather_restores_the_order() -> None:
 
 
 def _child_env() -> dict[str, str]:
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env = without_launcher_env()
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
@@ -143,9 +148,9 @@ def test_benchmark_evaluator_scores_a_model_in_memory(tmp_path: Path) -> None:
     """What training calls: files read once up front, the model as it is at each call."""
     from omegaconf import OmegaConf
 
-    from engine.evaluate import BenchmarkEvaluator
-    from engine.generation import HFBackend
-    from engine.modeling import load_model, load_tokenizer
+    from engine.generation.backends import HFBackend
+    from engine.generation.evaluation import BenchmarkEvaluator
+    from engine.model.loading import load_model, load_tokenizer
 
     source = tmp_path / "b.jsonl"
     source.write_text(

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from engine.data import load_pairs
-from engine.logprobs import reference_token_logps
-from engine.modeling import load_model, load_tokenizer
+from engine.data.loading import load_pairs
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import reference_token_logps
 
 STEPS = 3
 STAGES = ["zero0", "zero3"]

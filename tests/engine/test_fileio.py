@@ -1,4 +1,4 @@
-"""engine.fileio: every file the project writes is all-or-nothing."""
+"""engine.runtime.fileio: every file the project writes is all-or-nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from engine.fileio import atomic_open, atomic_write_json, atomic_write_text
+from engine.runtime.fileio import atomic_open, atomic_write_json, atomic_write_text
 
 
 def _leftovers(directory):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from engine.generation import HFBackend, PromptFormat, _eos_ids, load_backend
+from engine.generation.backends import HFBackend, PromptFormat, _eos_ids, load_backend
 
 TINY = {
     "name_or_path": None,
@@ -67,8 +67,8 @@ def test_eos_ids_add_the_models_end_of_turn_tokens() -> None:
     reason="the vLLM backend needs vllm (pip install '.[vllm]') and a GPU",
 )
 def test_vllm_backend_matches_hf_greedy(tmp_path) -> None:
-    from engine.generation import VLLMBackend
-    from engine.modeling import load_model, load_tokenizer
+    from engine.generation.backends import VLLMBackend
+    from engine.model.loading import load_model, load_tokenizer
 
     config = OmegaConf.create(TINY)
     tokenizer = load_tokenizer(config)
@@ -81,3 +81,24 @@ def test_vllm_backend_matches_hf_greedy(tmp_path) -> None:
     assert vllm.generate(prompts, max_new_tokens=8) == hf
     sampled = vllm.generate(prompts * 2, max_new_tokens=8, temperature=1.0, seed=5)
     assert vllm.generate(prompts * 2, max_new_tokens=8, temperature=1.0, seed=5) == sampled
+
+
+def test_synced_gpus_reaches_generate_once(monkeypatch) -> None:
+    """ZeRO-3 on several ranks generates in lockstep: ``synced_gpus=True`` must reach
+    ``model.generate`` (given twice it raised "got multiple values for keyword argument")."""
+    backend, _ = load_backend({"backend": "hf", "batch_size": 2}, OmegaConf.create(TINY))
+    seen: list[dict] = []
+    original = backend.model.generate
+
+    def recording(**kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("synced_gpus", None)  # one process: nothing to keep in step with
+        return original(**kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", recording)
+    backend.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2)
+    assert [call.get("synced_gpus") for call in seen] == [None, None]
+    synced = HFBackend(backend.model, backend.tokenizer, batch_size=2, synced_gpus=True)
+    seen.clear()
+    synced.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2)
+    assert [call.get("synced_gpus") for call in seen] == [True, True]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from engine.runtime.distributed import without_launcher_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,9 +33,7 @@ def test_deepspeed_launcher_two_processes(tmp_path: Path, metrics_rows) -> None:
         "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS)
     )
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = {**without_launcher_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             launcher,

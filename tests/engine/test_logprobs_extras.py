@@ -1,6 +1,6 @@
-"""The per-response extras of engine.logprobs.SequenceLogProbs against the plain full-vocabulary
-computation: WPO's mean of log p - log sum_v p(v)^2, and LD-DPO's tail past the pair's shorter
-response, in every batch layout, chunked and naive.
+"""The per-response extras of engine.model.logprobs.SequenceLogProbs against the plain
+full-vocabulary computation: WPO's mean of log p - log sum_v p(v)^2, and LD-DPO's tail past the
+pair's shorter response, in every batch layout, chunked and naive.
 
 Hand-worked tail: chosen of 4 response tokens with log-probs (a, b, c, d), rejected of 2: the
 shared length is 2, so the chosen tail is c + d and the rejected tail is 0.
@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.batching import collate_pairs
-from engine.data import TokenizedPair
-from engine.logprobs import SequenceLogProbs, tail_logps
-from engine.packing import PairLayout
+from engine.data.batching import collate_pairs
+from engine.data.loading import TokenizedPair
+from engine.data.packing import PairLayout
+from engine.model.logprobs import SequenceLogProbs, tail_logps
 
 LAYOUTS = [None] + [
     PairLayout(prefix_sharing=sharing, padding_free=free, block_attention="mask")

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.batching import StepSampler, collate_pairs
-from engine.logprobs import SequenceLogProbs
+import engine.task  # noqa: F401  (registers data=math)
+from engine.data.batching import StepSampler, collate_pairs
+from engine.data.packing import PairLayout
+from engine.data.sources import prepare_data
 from engine.loop import LoopParts, evaluate, train_step
-from engine.modeling import load_model
-from engine.packing import PairLayout
-from engine.reference import PrecomputedReference
-from engine.sources import prepare_data
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import SequenceLogProbs
+from engine.model.reference import PrecomputedReference
 from losses import PreferenceLoss
 
 
@@ -32,7 +33,7 @@ class ModeEvaluator:
 @pytest.fixture
 def parts(compose_config, run_overrides, pair_files, tmp_path) -> LoopParts:
     cfg = compose_config(run_overrides(pair_files.train, pair_files.eval, None))
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, load_tokenizer)
     data.evaluators.append(ModeEvaluator())
     model = load_model(data.model_cfg, data.tokenizer, seed=0)
     policy = SequenceLogProbs(model, chunk_size=64)
@@ -41,7 +42,7 @@ def parts(compose_config, run_overrides, pair_files, tmp_path) -> LoopParts:
     reference.prepare(policy, tmp_path, resume=False)
     return LoopParts(
         trainer=cfg.trainer,
-        engine=policy,
+        ds_engine=policy,
         scheduler=None,
         model=model,
         objective=PreferenceLoss(beta=0.1),
@@ -70,4 +71,4 @@ def test_evaluation_scores_the_eval_pairs_then_asks_each_evaluator(parts) -> Non
     assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["eval/chosen_reward"] == 0.0
     assert metrics["eval/accuracy"] == 0.25 and metrics["eval/asked_in_eval_mode"] == 1.0
-    assert parts.engine.training  # back in training mode
+    assert parts.ds_engine.training  # back in training mode

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.metrics import SUMS, MetricsWindow, means, pair_sums, read_metrics
-from engine.scoring import PairScores
+from engine.model.pair_logprobs import PairLogProbs
 
 
 def output(chosen, rejected, losses):
@@ -22,7 +22,7 @@ def output(chosen, rejected, losses):
     )
 
 
-POLICY = PairScores(
+POLICY = PairLogProbs(
     torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.ones(2), torch.ones(2)
 )
 

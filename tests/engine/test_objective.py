@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
+from engine.model.pair_logprobs import PairLogProbs
 from engine.objective import ObjectiveInputs, objective_output
-from engine.scoring import PairScores
 from losses import PreferenceLoss
 
 
-def scores(chosen, rejected, chosen_counts, rejected_counts) -> PairScores:
-    return PairScores(
+def scores(chosen, rejected, chosen_counts, rejected_counts) -> PairLogProbs:
+    return PairLogProbs(
         torch.tensor(chosen, dtype=torch.float32),
         torch.tensor(rejected, dtype=torch.float32),
         torch.tensor(chosen_counts),
@@ -55,7 +55,7 @@ def test_the_objective_sees_what_its_length_normalisation_asks_for() -> None:
 
 def test_gradients_flow_to_the_policy_only() -> None:
     logps = torch.tensor([-4.0, -9.0], requires_grad=True)
-    policy = PairScores.split(logps, torch.tensor([2, 3]))
+    policy = PairLogProbs.split(logps, torch.tensor([2, 3]))
     reference = scores([-5.0], [-8.0], [2], [3])
     objective_output(PreferenceLoss(beta=0.1), policy, reference).losses.sum().backward()
     assert logps.grad is not None and logps.grad[0] < 0 < logps.grad[1]

@@ -12,21 +12,19 @@ import math
 
 import pytest
 
-from tests.engine.conftest import make_pairs, write_jsonl
-
 
 def losses(metrics_rows, run_dir):
     return [row["train/loss"] for row in metrics_rows(run_dir, "train/loss")]
 
 
 @pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
+def uneven(tmp_path_factory, jsonl):
     """Pairs whose rejected response is only its final line (much shorter than the chosen), so
     LD-DPO's tails are not zero."""
-    rows = make_pairs(16, seed=0)
+    rows = jsonl.pairs(16, seed=0)
     for row in rows:
         row["rejected"] = row["rejected"].rsplit("|", 1)[-1]
-    return write_jsonl(tmp_path_factory.mktemp("uneven") / "train.jsonl", rows)
+    return jsonl.write(tmp_path_factory.mktemp("uneven") / "train.jsonl", rows)
 
 
 def run(train_run, run_dir, data, *overrides):

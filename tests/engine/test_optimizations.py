@@ -1,10 +1,10 @@
 """The speed switches leave training values unchanged.
 
-Every layout of :mod:`engine.packing` (prefix sharing, padding-free packing, each way of doing
-block attention) and every LM-head path of :mod:`engine.logprobs` must give the per-sequence
+Every layout of :mod:`engine.data.packing` (prefix sharing, padding-free packing, each way of doing
+block attention) and every LM-head path of :mod:`engine.model.logprobs` must give the per-sequence
 log-probs, the DPO losses and the parameter gradients of the plain path: two right-padded rows
 per pair through the full model, a full-vocabulary float32 log-softmax. Checked on the tiny Llama
-of ``engine.modeling.tiny_llama_config`` in float32, to ~1e-5. Length grouping changes only the
+of ``engine.model.loading.tiny_llama_config`` in float32, to ~1e-5. Length grouping changes only the
 order: it is checked for determinism, resumability, world-size invariance and coverage.
 """
 
@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine.batching import PairBatch, StepSampler, collate_pairs, step_sampler
-from engine.data import TokenizedPair
-from engine.logprobs import SequenceLogProbs, reference_token_logps, token_logps
-from engine.modeling import tiny_llama_config
-from engine.packing import PairLayout, block_mask, ensure_block_attention, pair_length
+from engine.data.batching import PairBatch, StepSampler, collate_pairs, step_sampler
+from engine.data.loading import TokenizedPair
+from engine.data.packing import PairLayout, block_mask, ensure_block_attention, pair_length
+from engine.model.loading import tiny_llama_config
+from engine.model.logprobs import SequenceLogProbs, reference_token_logps, token_logps
 from losses import preference_loss
 
 ATOL = 2e-5
@@ -362,13 +362,17 @@ def test_without_grouping_the_order_is_the_seeded_permutation():
     assert [i for s in range(5, 10) for i in sampler.indices(s, 0, 0)] == perm
 
 
-def test_step_sampler_reads_the_trainer_config():
-    from omegaconf import OmegaConf
-
+def test_step_sampler_reads_the_trainer_config(compose_config):
     pairs = make_pairs(12)
-    trainer = OmegaConf.create(
-        {"micro_batch_size": 2, "grad_accum": 1, "length_grouping": True, "padding_free": False}
-    )
+    plain = ("trainer.padding_free=false", "trainer.prefix_sharing=false")
+    trainer = compose_config(
+        [
+            "trainer.micro_batch_size=2",
+            "trainer.grad_accum=1",
+            "trainer.length_grouping=true",
+            *plain,
+        ]
+    ).trainer
     sampler = step_sampler(pairs, trainer, 1, seed=0)
     assert sampler.lengths.tolist() == [pair_length(p, PairLayout()) for p in pairs]
     trainer.length_grouping = False
@@ -389,11 +393,11 @@ OFF = (
 def paths_taken(monkeypatch) -> list[tuple[str, object]]:
     """Records, while training runs in this process, each training batch's layout and each
     chunked LM-head call's (chunk size, kept MiB)."""
-    import engine.logprobs
     import engine.loop
+    import engine.model.logprobs
 
     taken: list[tuple[str, object]] = []
-    real_collate, real_token_logps = engine.loop.collate_pairs, engine.logprobs.token_logps
+    real_collate, real_token_logps = engine.loop.collate_pairs, engine.model.logprobs.token_logps
 
     def collate(pairs, indices, pad_id, layout=None):
         batch = real_collate(pairs, indices, pad_id, layout)
@@ -406,7 +410,7 @@ def paths_taken(monkeypatch) -> list[tuple[str, object]]:
         return real_token_logps(hidden, head, targets, chunk_size, keep_mb)
 
     monkeypatch.setattr(engine.loop, "collate_pairs", collate)
-    monkeypatch.setattr(engine.logprobs, "token_logps", token_logps)
+    monkeypatch.setattr(engine.model.logprobs, "token_logps", token_logps)
     return taken
 
 

@@ -1,13 +1,14 @@
-"""engine.pair_extras: ODPO's score columns and KTO's mismatched pairs, built from the data."""
+"""engine.data.pair_extras: ODPO's score columns and KTO's mismatched pairs, built from the data."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.data import TokenizedPair
-from engine.pair_extras import kl_logratios, mismatched_pairs, score_columns
-from engine.scoring import PairScores
+from engine.data.loading import TokenizedPair
+from engine.data.pair_extras import mismatched_pairs, score_columns
+from engine.model.pair_logprobs import PairLogProbs
+from engine.objective import kl_logratios
 
 
 def pair(i: int, **scores) -> TokenizedPair:
@@ -49,7 +50,9 @@ def test_mismatched_pairs_take_the_next_pairs_responses():
 
 def test_kl_logratios_are_detached():
     ones = torch.ones(1, dtype=torch.long)
-    policy = PairScores(torch.tensor([-3.0], requires_grad=True), torch.tensor([-4.0]), ones, ones)
-    reference = PairScores(torch.tensor([-2.0]), torch.tensor([-5.0]), ones, ones)
+    policy = PairLogProbs(
+        torch.tensor([-3.0], requires_grad=True), torch.tensor([-4.0]), ones, ones
+    )
+    reference = PairLogProbs(torch.tensor([-2.0]), torch.tensor([-5.0]), ones, ones)
     out = kl_logratios(policy, reference)
     assert out.tolist() == [-1.0, 1.0] and not out.requires_grad

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from engine.checkpoint import complete_steps, latest_verified_step, read_manifest
-from engine.preemption import (
+from engine.runtime.preemption import (
     PREEMPTED_EXIT_CODE,
     Preempted,
     PreemptionGuard,
@@ -208,7 +208,7 @@ def test_submitit_requeues_only_after_the_stop(tmp_path, monkeypatch):
 WORKER = textwrap.dedent(
     """
     import json, os, signal, sys, torch, torch.distributed as dist
-    from engine.preemption import PreemptionGuard
+    from engine.runtime.preemption import PreemptionGuard
 
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     dist.init_process_group("gloo")

@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import engine.reference as reference_module
-from engine.batching import collate_pairs
-from engine.logprobs import SequenceLogProbs
-from engine.modeling import load_model
-from engine.reference import LiveReference, NoReference, PrecomputedReference, frozen_scorer
-from engine.sources import prepare_data
+import engine.model.reference as reference_module
+import engine.task  # noqa: F401  (registers data=math)
+from engine.data.batching import collate_pairs
+from engine.data.sources import prepare_data
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import SequenceLogProbs
+from engine.model.reference import LiveReference, NoReference, PrecomputedReference, frozen_scorer
 
-SCORER_OPTIONS = OmegaConf.create({"logit_chunk_size": 64})  # the trainer keys a scorer reads
+#: the trainer group a scorer reads (conf/trainer/default.yaml), with small LM-head chunks
+SCORER_OPTIONS = OmegaConf.merge(
+    OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/trainer/default.yaml"),
+    {"logit_chunk_size": 64},
+)
 
 # ---- the variants on their own (a tiny model, no DeepSpeed) ------------------------------------
 
@@ -26,7 +32,9 @@ SCORER_OPTIONS = OmegaConf.create({"logit_chunk_size": 64})  # the trainer keys 
 @pytest.fixture(scope="module")
 def tiny(compose_config, run_overrides, pair_files):
     """The tiny run's data, its initial policy (as the loop's module) and a frozen scorer."""
-    data = prepare_data(compose_config(run_overrides(pair_files.train, pair_files.eval, None)))
+    data = prepare_data(
+        compose_config(run_overrides(pair_files.train, pair_files.eval, None)), load_tokenizer
+    )
     model = load_model(data.model_cfg, data.tokenizer, seed=0)
     common = (data.train_pairs, data.eval_pairs, 2, int(data.tokenizer.pad_token_id), "cpu")
     return data, SequenceLogProbs(model, chunk_size=64), model, common
@@ -45,19 +53,19 @@ def test_every_variant_answers_the_same_questions(tiny, tmp_path) -> None:
     live = LiveReference(*common, scorer=frozen_scorer(copy.deepcopy(model), SCORER_OPTIONS))
     live.prepare(policy, tmp_path / "live", resume=False)
     for name in ("chosen_logps", "rejected_logps", "chosen_counts", "rejected_counts"):
-        want = getattr(precomputed.train_scores(batch), name)
+        want = getattr(precomputed.train_logprobs(batch), name)
         assert torch.allclose(
-            getattr(live.train_scores(batch), name).float(), want.float(), atol=1e-5
+            getattr(live.train_logprobs(batch), name).float(), want.float(), atol=1e-5
         )
         assert torch.allclose(
-            getattr(live.eval_scores(), name).float(),
-            getattr(precomputed.eval_scores(), name).float(),
+            getattr(live.eval_logprobs(), name).float(),
+            getattr(precomputed.eval_logprobs(), name).float(),
             atol=1e-5,
         )
     none = NoReference(*common)
     none.prepare(policy, tmp_path / "none", resume=False)
-    assert not none.train_scores(batch).chosen_logps.any()
-    assert none.eval_scores().chosen_logps.shape == (5,)
+    assert not none.train_logprobs(batch).chosen_logps.any()
+    assert none.eval_logprobs().chosen_logps.shape == (5,)
     assert policy.training  # the scoring pass leaves the policy in training mode
 
 
@@ -75,7 +83,7 @@ def test_precomputed_scores_are_saved_and_read_back_on_resume(tiny, tmp_path) ->
     fresh.prepare(policy, tmp_path / "fresh", resume=False)
     batch = batch_of(data, [5])
     assert torch.equal(
-        resumed.train_scores(batch).chosen_logps, fresh.train_scores(batch).chosen_logps
+        resumed.train_logprobs(batch).chosen_logps, fresh.train_logprobs(batch).chosen_logps
     )
 
 
@@ -84,7 +92,7 @@ def test_precomputed_scores_are_saved_and_read_back_on_resume(tiny, tmp_path) ->
 
 @pytest.fixture
 def reference_calls(monkeypatch) -> Counter:
-    """Counts ``<kind>.train_scores`` calls (per micro batch) and ``load_separate`` (a separate
+    """Counts ``<kind>.train_logprobs`` calls (per micro batch) and ``load_separate`` (a separate
     reference model loaded) while training runs in this process."""
     calls: Counter = Counter()
     for cls in (
@@ -92,14 +100,14 @@ def reference_calls(monkeypatch) -> Counter:
         reference_module.NoReference,
         reference_module.LiveReference,
     ):
-        real = cls.train_scores
+        real = cls.train_logprobs
 
         def counted(self, batch, real=real, cls=cls):
             if type(self) is cls:
-                calls[f"{cls.kind}.train_scores"] += 1
+                calls[f"{cls.kind}.train_logprobs"] += 1
             return real(self, batch)
 
-        monkeypatch.setattr(cls, "train_scores", counted)
+        monkeypatch.setattr(cls, "train_logprobs", counted)
     real_load = reference_module._load_separate
 
     def load_separate(*args, **kwargs):
@@ -118,10 +126,10 @@ def test_live_reference_equals_precomputed(
         ["trainer.prefix_sharing=false", "trainer.padding_free=false"] if layout == "plain" else []
     )
     _, pre = train_run(tmp_path / "pre", *plain, eval=True, steps=3)
-    assert reference_calls == {"precompute.train_scores": 3}  # one lookup per micro batch
+    assert reference_calls == {"precompute.train_logprobs": 3}  # one lookup per micro batch
     reference_calls.clear()
     _, live = train_run(tmp_path / "live", *plain, "reference.precompute=false", eval=True, steps=3)
-    assert reference_calls == {"live.train_scores": 3}  # the frozen copy scored every batch
+    assert reference_calls == {"live.train_logprobs": 3}  # the frozen copy scored every batch
     metrics_match.rows(metrics_rows(live), metrics_rows(pre), rtol=1e-5)
 
 
@@ -138,7 +146,7 @@ def test_separate_reference_model_live_and_precomputed(
     assert reference_calls["load_separate"] == 1
     _, live = train_run(tmp_path / "live", ref, "reference.precompute=false", eval=True)
     assert reference_calls["load_separate"] == 2  # once for the live run too
-    assert reference_calls["live.train_scores"] == 2
+    assert reference_calls["live.train_logprobs"] == 2
     metrics_match.rows(metrics_rows(live), metrics_rows(pre), rtol=1e-5)
     step1 = {r["step"]: r for r in metrics_rows(pre, "train/loss")}[1]
     own1 = {r["step"]: r for r in metrics_rows(own, "train/loss")}[1]
@@ -159,7 +167,7 @@ def test_a_reference_free_objective_never_loads_a_reference(
         "trainer.tensorboard=false",
         "trainer.export=false",
     )
-    assert reference_calls == {"none.train_scores": 2}
+    assert reference_calls == {"none.train_logprobs": 2}
     assert results["steps"] == 2 and (run_dir / reference_module.REFERENCE_FILE).is_file()
 
 

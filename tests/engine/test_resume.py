@@ -9,11 +9,7 @@ kill lands exactly after step k's checkpoint, however fast or slow the machine i
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,85 +17,15 @@ import pytest
 import engine.checkpoint as checkpoint_module
 from engine.checkpoint import COMPLETE, complete_steps, latest_complete_step
 
-STEPS = 6
 RTOL = 1e-6
 
 
-def overrides_for(base_overrides, run_dir: Path, *extra: str) -> list[str]:
-    """Six steps of two pairs; train rows every 2 steps, eval every 3, a checkpoint every step."""
-    return [
-        *base_overrides(run_dir, eval=True, steps=STEPS),
-        "trainer.log_every=2",
-        "trainer.eval_every=3",
-        "trainer.save_every=1",
-        "trainer.keep_checkpoints=2",
-        "trainer.tensorboard=false",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
-
-
-#: ``python _child.py <k> <overrides...>``: ``python -m engine.train``, with each checkpoint save
-#: wrapped to print SAVED <step> once it is complete and, at step k, to wait to be killed
-_CHILD = """
-import runpy, sys, time
-import engine.run_state as run_state
-
-kill_at = int(sys.argv.pop(1))
-real_save = run_state.save
-
-def save(engine, checkpoint_dir, state, keep, device):
-    real_save(engine, checkpoint_dir, state, keep, device)
-    print(f"SAVED {state.step}", flush=True)
-    if state.step == kill_at:
-        time.sleep(600)
-
-run_state.save = save
-runpy.run_module("engine.train", run_name="__main__", alter_sys=True)  # python -m engine.train
-"""
-
-
-def run_and_kill(cli, overrides: list[str], kill_at: int, cwd: Path) -> str:
-    """Run training in a child and SIGKILL it from here once step ``kill_at``'s save is complete;
-    returns the child's output."""
-    script = cwd / "_child.py"
-    script.write_text(_CHILD)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(kill_at), *overrides],
-        cwd=cwd,
-        env=cli.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    watchdog = threading.Timer(300, cli.kill_tree, [proc.pid])  # never hang the suite
-    watchdog.start()
-    output = []
-    try:
-        for line in proc.stdout:
-            output.append(line)
-            if line.strip() == f"SAVED {kill_at}":
-                cli.kill_tree(proc.pid)
-                break
-        output.append(proc.stdout.read())
-        proc.wait()
-    finally:
-        watchdog.cancel()
-    text = "".join(output)
-    assert proc.returncode == -9, f"return code {proc.returncode}\n{text[-4000:]}"
-    return text
-
-
-def read_results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, base_overrides, cli, metrics_rows):
+def uninterrupted(tmp_path_factory, base_overrides, cli, metrics_rows, runs):
     """The reference: the same run, never interrupted."""
     root = tmp_path_factory.mktemp("uninterrupted")
     run_dir = root / "run"
-    proc = cli.run(overrides_for(base_overrides, run_dir), cwd=root)
+    proc = cli.run(runs.resume_overrides(base_overrides, run_dir), cwd=root)
     assert proc.returncode == 0, cli.describe(proc)
     rows = metrics_rows(run_dir)
     assert [r["step"] for r in rows] == [2, 3, 4, 6, 6]  # train 2, eval 3, train 4, train+eval 6
@@ -107,10 +33,10 @@ def uninterrupted(tmp_path_factory, base_overrides, cli, metrics_rows):
 
 
 def kill_then_resume(
-    tmp_path, base_overrides, cli, metrics_rows, kill_at: int, before_resume=None
+    tmp_path, base_overrides, cli, metrics_rows, runs, kill_at: int, before_resume=None
 ) -> Path:
     run_dir = tmp_path / "run"
-    output = run_and_kill(cli, overrides_for(base_overrides, run_dir), kill_at, tmp_path)
+    output = runs.run_and_kill(runs.resume_overrides(base_overrides, run_dir), kill_at, tmp_path)
     assert f"SAVED {kill_at + 1}" not in output
     checkpoints = run_dir / "checkpoints"
     # the kill came after step kill_at's save: `latest` names it, and it is complete
@@ -123,7 +49,9 @@ def kill_then_resume(
     if before_resume is not None:
         before_resume(run_dir)
 
-    resumed = cli.run(overrides_for(base_overrides, run_dir, "trainer.resume=auto"), cwd=tmp_path)
+    resumed = cli.run(
+        runs.resume_overrides(base_overrides, run_dir, "trainer.resume=auto"), cwd=tmp_path
+    )
     assert resumed.returncode == 0, cli.describe(resumed)
     # proof that it resumed (a fresh start would end with the same metrics too): the engine's log
     log = resumed.stdout + resumed.stderr
@@ -145,16 +73,16 @@ def plant_incomplete_save(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(
-    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted, runs
 ):
     run_dir = kill_then_resume(
-        tmp_path, base_overrides, cli, metrics_rows, 4, before_resume=plant_incomplete_save
+        tmp_path, base_overrides, cli, metrics_rows, runs, 4, before_resume=plant_incomplete_save
     )
     metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
-    metrics_match.results(read_results(run_dir), read_results(uninterrupted), rtol=RTOL)
+    metrics_match.results(runs.results(run_dir), runs.results(uninterrupted), rtol=RTOL)
     assert (run_dir / "final_model" / "model.safetensors").is_file()
     checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS}"
+    assert (checkpoints / "latest").read_text().strip() == f"step_{runs.resume_steps}"
     # every save left is complete (the torn step_5 was overwritten by the real one)
     names = sorted(p.name for p in checkpoints.glob("step_*"))
     assert names == ["step_5", "step_6"]
@@ -163,20 +91,21 @@ def test_sigkill_and_resume_matches_uninterrupted(
 
 @pytest.mark.slow
 def test_resume_between_log_steps_matches_uninterrupted(
-    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted, runs
 ):
-    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, 3)  # train at 2, 4, 6
+    # train rows at 2, 4, 6: killed at 3
+    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, runs, 3)
     metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
 
 
 @pytest.mark.slow
 def test_resume_after_the_last_save_writes_full_results(
-    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted
+    tmp_path, base_overrides, cli, metrics_rows, metrics_match, uninterrupted, runs
 ):
-    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, STEPS)
+    run_dir = kill_then_resume(tmp_path, base_overrides, cli, metrics_rows, runs, runs.resume_steps)
     metrics_match.rows(metrics_rows(run_dir), metrics_rows(uninterrupted), rtol=RTOL)
     assert (run_dir / "final_model" / "model.safetensors").is_file()
-    metrics_match.results(read_results(run_dir), read_results(uninterrupted), rtol=RTOL)
+    metrics_match.results(runs.results(run_dir), runs.results(uninterrupted), rtol=RTOL)
 
 
 # ---- a crash in the middle of a save (in process) ---------------------------------------------

@@ -34,7 +34,7 @@ def test_client_state_round_trip() -> None:
 
 
 def test_a_fresh_run_starts_from_an_empty_state(tmp_path) -> None:
-    state = restore(engine=None, checkpoint_dir=tmp_path, resume_step=None)
+    state = restore(ds_engine=None, checkpoint_dir=tmp_path, resume_step=None)
     assert state.step == 0 and not state.last_train and not state.window.sums.any()
 
 

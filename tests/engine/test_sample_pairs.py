@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from engine.generation import PromptFormat
-from engine.pairing import PairCounts, build_pairs
+from engine.generation.backends import PromptFormat
+from engine.generation.pairing import PairCounts, build_pairs
+from engine.runtime.distributed import without_launcher_env
 from engine.sample_pairs import batch_seed, read_parts, sample_pairs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -94,7 +95,7 @@ def test_the_pairing_rule() -> None:
 def test_chat_prompts_give_conversational_rows(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from engine.data import load_pairs, write_jsonl
+    from engine.data.loading import load_pairs, write_jsonl
     from engine.task.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -182,7 +183,6 @@ def test_two_ranks_split_the_batches_and_give_the_result_of_one(tmp_path: Path) 
     """The same command under torchrun with two processes: each rank samples its batches, rank 0
     writes the files, and everything equals a one-process run (random tiny weights: no pair is
     made, but every count and every sample's verdict is compared through the work log)."""
-    import os
     import subprocess
     import sys
 
@@ -194,8 +194,7 @@ def test_two_ranks_split_the_batches_and_give_the_result_of_one(tmp_path: Path) 
     source.write_text(
         "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems)
     )
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env = without_launcher_env()
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     reports = {}
     for nproc in (1, 2):

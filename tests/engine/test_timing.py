@@ -1,11 +1,12 @@
-"""engine.timing.PhaseClock: laps booked to their phases, rebooking, the results.json shape."""
+"""engine.runtime.timing.PhaseClock: laps booked to their phases, rebooking, the results.json
+shape."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine import timing
-from engine.timing import PhaseClock
+from engine.runtime import timing
+from engine.runtime.timing import PhaseClock
 
 
 def test_laps_book_the_time_since_the_previous_lap(monkeypatch):

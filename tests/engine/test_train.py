@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from engine.config import ConfigError
-from engine.data import BadRowError
+from engine.data.loading import BadRowError
 from engine.train import _summary_line, train
 from losses import LOSSES, MARGINS
 

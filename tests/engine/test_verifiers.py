@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.math_answers import gold_latex, last_boxed
+from engine.generation.math_answers import gold_latex, last_boxed
+from engine.generation.verifiers import MATH
 from engine.task.arithmetic import Problem, solution, verify
-from engine.verifiers import MATH, VERIFIERS, Verdict, register
+from engine.verifiers import VERIFIERS, Verdict, register
 
 MATH_EQUIVALENT = [
     ("so the answer is \\boxed{0.5}", "\\frac{1}{2}"),

@@ -26,9 +26,9 @@ def test_synthetic_pairs_are_seeded_and_in_range():
 
 
 def test_text_rows_tokenize_back_to_the_ids_for_both_trainers(tmp_path):
-    """Ours reads the JSONL with engine.data.load_pairs; TRL tokenizes prompt + response + EOS
-    and splits at the prompt: both must give the synthetic ids."""
-    from engine.data import load_pairs
+    """Ours reads the JSONL with engine.data.loading.load_pairs; TRL tokenizes prompt + response +
+    EOS and splits at the prompt: both must give the synthetic ids."""
+    from engine.data.loading import load_pairs
 
     tokenizer = bench_setup.build_tokenizer(60)
     pairs = bench_setup.synthetic_pairs(6, PairSpec((2, 5), (2, 4), seed=1), 60)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.adapters import CPU_4BIT_IN_MULTIPLE, CPU_4BIT_OUT_MULTIPLE, validate_adapter_config
+from engine.model.adapters import (
+    CPU_4BIT_IN_MULTIPLE,
+    CPU_4BIT_OUT_MULTIPLE,
+    validate_adapter_config,
+)
 from experiments import bench, bench_setup
 from experiments.bench_report import (
     ADAPTER_BASELINES,
@@ -67,7 +71,7 @@ def test_ours_and_trl_get_the_same_lora():
         assert cfg.model.quantization == by_name[trl].quantization
         assert by_name[trl].trl == by_name["trl lora"].trl  # both with trl-fast's settings
     full = compose_ours(ours_overrides({**SPEC, "overrides": []}))
-    assert full.model.lora is None and full.model.quantization is None
+    assert full.model.lora.r is None and full.model.quantization is None
 
 
 def test_plans_include_the_adapter_rows_unless_asked_not_to():

@@ -23,7 +23,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from engine.batching import StepSampler
 from engine.config import (
     ConfigError,
     build_deepspeed_config,
@@ -31,7 +30,8 @@ from engine.config import (
     grad_accum_steps,
     validate_config,
 )
-from engine.data import load_pairs
+from engine.data.batching import StepSampler
+from engine.data.loading import load_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"

@@ -1,5 +1,5 @@
 """``python -m experiments.reproduce`` end to end on one tiny cell: the task is built in an empty
-cache (tests.engine.task.conftest's TINY_TASK), one methods-table run trains with periodic
+cache (tests/conftest.py's TINY_TASK), one methods-table run trains with periodic
 evaluation, and the table's directory gets its report, CSVs, convergence, costs and provenance;
 ``--dry-run`` prints the whole plan and runs nothing."""
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from experiments.reproduce import main
-from tests.engine.task.conftest import TINY_TASK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +28,7 @@ def test_dry_run_prints_every_sweep_once(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_reproduce_one_tiny_cell(tmp_path):
+def test_reproduce_one_tiny_cell(tmp_path, tiny_task_overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     out = tmp_path / "results"
@@ -47,8 +46,7 @@ def test_reproduce_one_tiny_cell(tmp_path):
         str(tmp_path / "sweeps"),
         "--out",
         str(out),
-        *TINY_TASK,
-        "data.problems.pair_prompts=32",
+        *tiny_task_overrides,
         "method=dpo",
         "trainer.max_steps=4",
         "trainer.micro_batch_size=4",

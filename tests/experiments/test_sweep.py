@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from engine.runtime.distributed import without_launcher_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +48,10 @@ def tiny_overrides(pairs: Path) -> list[str]:
     ]
 
 
-# set by a launcher, or left behind by an in-process train() of an earlier test: a job inheriting
-# them would join that (finished) world instead of forming its own
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    # launcher variables (or those an in-process train() of an earlier test left behind): a job
+    # inheriting them would join that (finished) world instead of forming its own
+    env = without_launcher_env()
     env.update(HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600

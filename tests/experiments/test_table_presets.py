@@ -50,7 +50,7 @@ def test_methods_keep_their_own_beta(compose_config):
 def test_scale_sizes_have_their_own_task_and_span_4x(compose_config):
     from omegaconf import OmegaConf
 
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
     from engine.task.pipeline import cache_key
     from engine.task.tokenizer import build_tokenizer
 

@@ -79,7 +79,7 @@ def loss_derivatives() -> dict[str, Derivative]:
     return LOSS_DERIVATIVES
 
 
-def extra_inputs(size: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> dict:
+def make_extra_inputs(size: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> dict:
     """Every per-batch input of ``PreferenceLoss.INPUTS`` for a batch of ``size`` pairs, with
     valid values (scores chosen > rejected; tails <= 0; WPO terms near 0), so that any method's
     requirements are met. ``grad``: the chosen NLL requires grad."""
@@ -97,3 +97,10 @@ def extra_inputs(size: int, dtype: torch.dtype = torch.float32, grad: bool = Fal
     values["chosen_weighting_logps"] = column(-0.5, 0.0)
     values["rejected_weighting_logps"] = column(-0.5, 0.0)
     return values
+
+
+@pytest.fixture(scope="session")
+def extra_inputs():
+    """``extra_inputs(size, dtype=float32, grad=False)``: valid values for every per-batch input
+    (:func:`make_extra_inputs`)."""
+    return make_extra_inputs

@@ -15,7 +15,6 @@ import torch
 
 from losses import METHODS, PreferenceLoss
 from losses.diagnostics import pair_diagnostics
-from tests.losses.conftest import extra_inputs
 
 
 def s(x: float) -> float:
@@ -55,7 +54,7 @@ def test_chosen_below_reference_and_means():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_weights_equal_autograd_through_the_objective(name):
+def test_weights_equal_autograd_through_the_objective(name, extra_inputs):
     """The diagnostic equals the gradient the training step itself puts on the log-probs."""
     objective = METHODS[name].build()
     gen = torch.Generator().manual_seed(5)

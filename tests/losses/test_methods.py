@@ -27,7 +27,6 @@ import torch
 
 from losses import PreferenceLoss
 from losses.methods import METHODS, Method
-from tests.losses.conftest import extra_inputs
 
 # log-probs; h_w = (1, -1.5, 0.75, -5, -0.5, 3), h_l = (-1, -0.5, 0.5, 4, 0.5, -8)
 POLICY_CHOSEN = [-12.0, -30.5, -7.25, -50.0, -3.0, -20.0]
@@ -48,12 +47,19 @@ def neg_logsigmoid(x: float) -> float:
     return math.log1p(math.exp(-x)) if x > -30 else -x + math.log1p(math.exp(x))
 
 
-def run(name: str, *args, **overrides) -> list[float]:
-    module = METHODS[name].build(**overrides)
-    extras = extra_inputs(6)
-    extras["policy_chosen_nll"] = torch.tensor(CHOSEN_NLL)
-    out = module(*(args or inputs()), **extras)
-    return out.losses.tolist()
+@pytest.fixture
+def run(extra_inputs):
+    """``run(name, *args, **overrides)``: method ``name``'s per-pair losses on ``args`` (default:
+    :func:`inputs`), with valid extra inputs and the chosen NLL of :data:`CHOSEN_NLL`."""
+
+    def losses_of(name: str, *args, **overrides) -> list[float]:
+        module = METHODS[name].build(**overrides)
+        extras = extra_inputs(6)
+        extras["policy_chosen_nll"] = torch.tensor(CHOSEN_NLL)
+        out = module(*(args or inputs()), **extras)
+        return out.losses.tolist()
+
+    return losses_of
 
 
 def assert_close(actual: list[float], expected: list[float]) -> None:
@@ -68,7 +74,7 @@ def beta_of(name: str) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_builds_and_runs(name):
+def test_every_method_builds_and_runs(name, extra_inputs):
     method = METHODS[name]
     assert isinstance(method, Method)
     assert method.name == name
@@ -89,7 +95,7 @@ def test_every_method_builds_and_runs(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_finite_at_extreme_inputs(name, dtype):
+def test_every_method_finite_at_extreme_inputs(name, dtype, extra_inputs):
     # log-ratios of size 1e5 of both signs (refs 0), and huge log-probs with small log-ratios
     pc = torch.tensor([1e5, -1e5, -1e5, 1e5, -99_990.0], dtype=dtype, requires_grad=True)
     pr = torch.tensor([-1e5, 1e5, -1e5, 1e5, -99_000.0], dtype=dtype, requires_grad=True)
@@ -105,7 +111,7 @@ def test_every_method_finite_at_extreme_inputs(name, dtype):
         assert grad is None or torch.isfinite(grad).all()
 
 
-def test_dpo():
+def test_dpo(run):
     beta = beta_of("dpo")
     assert beta == 0.1
     expected = [neg_logsigmoid(beta * (w - l)) for w, l in zip(H_W, H_L, strict=True)]
@@ -114,7 +120,7 @@ def test_dpo():
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.1, 1.0])
-def test_ipo_is_the_length_averaged_published_loss(beta):
+def test_ipo_is_the_length_averaged_published_loss(beta, run):
     # IPO Eq. 17 with tau = beta on length-averaged log-ratios (the trainer averages: here the
     # inputs are taken as already averaged): (h_w - h_l - 1/(2 beta))^2, optimum h = 5 at 0.1
     assert METHODS["ipo"].length_normalized
@@ -122,13 +128,13 @@ def test_ipo_is_the_length_averaged_published_loss(beta):
     assert_close(run("ipo", beta=beta), expected)
 
 
-def test_squared_loss_keeps_the_gpo_form():
+def test_squared_loss_keeps_the_gpo_form(run):
     # the GPO ablation's squared loss is (beta h - 1)^2, not IPO
     expected = [(0.1 * (w - l) - 1) ** 2 for w, l in zip(H_W, H_L, strict=True)]
     assert_close(run("dpo", loss="squared"), expected)
 
 
-def test_slic_hinge():
+def test_slic_hinge(run):
     beta = beta_of("slic")
     expected = [max(0.0, 1 - beta * (w - l)) for w, l in zip(H_W, H_L, strict=True)]
     assert_close(run("slic"), expected)
@@ -138,13 +144,13 @@ def test_slic_hinge():
     assert_close(run("slic", beta=0.6), expected)
 
 
-def test_bpo_hinge_on_balanced_margin():
+def test_bpo_hinge_on_balanced_margin(run):
     beta = beta_of("bpo")
     expected = [max(0.0, 1 - beta * min(w, -0.3 * l)) for w, l in zip(H_W, H_L, strict=True)]
     assert_close(run("bpo"), expected)
 
 
-def test_bpo_alpha_override():
+def test_bpo_alpha_override(run):
     module = METHODS["bpo"].build(alpha=0.5)
     assert module.options["alpha"] == 0.5
     expected = [max(0.0, 1 - 0.1 * min(w, -0.5 * l)) for w, l in zip(H_W, H_L, strict=True)]
@@ -153,7 +159,7 @@ def test_bpo_alpha_override():
         METHODS["bpo"].build(alpha=2.0)
 
 
-def test_dpop():
+def test_dpop(run):
     beta = beta_of("dpop")
     expected = [
         neg_logsigmoid(beta * (w - l - 50.0 * max(0.0, -w))) for w, l in zip(H_W, H_L, strict=True)
@@ -162,7 +168,7 @@ def test_dpop():
     assert_close(run("dpop"), expected)
 
 
-def test_cal_dpo():
+def test_cal_dpo(run):
     beta = beta_of("cal_dpo")
     expected = [
         neg_logsigmoid(w - l) + (w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2
@@ -171,7 +177,7 @@ def test_cal_dpo():
     assert_close(run("cal_dpo"), expected)
 
 
-def test_rpo_is_dpo_plus_chosen_nll():
+def test_rpo_is_dpo_plus_chosen_nll(run):
     beta = beta_of("rpo")
     expected = [
         neg_logsigmoid(beta * (w - l)) + nll for w, l, nll in zip(H_W, H_L, CHOSEN_NLL, strict=True)
@@ -185,7 +191,7 @@ AVG_REJECTED = [-0.7, -1.0, -0.9, -1.5, -0.9, -3.0]
 
 
 @pytest.mark.parametrize("with_refs", [True, False], ids=["refs-passed", "refs-none"])
-def test_simpo_ignores_references(with_refs):
+def test_simpo_ignores_references(with_refs, run):
     options = METHODS["simpo"].options()
     beta, gamma = options["beta"], options["gamma"]
     assert gamma > 0
@@ -200,7 +206,7 @@ def test_simpo_ignores_references(with_refs):
     assert_close(run("simpo", *policy, *refs), expected)
 
 
-def test_cdpo():
+def test_cdpo(run):
     eps = METHODS["cdpo"].options()["label_smoothing"]
     assert 0 < eps < 0.5
     beta = beta_of("cdpo")
@@ -218,13 +224,13 @@ def test_cdpo():
 
 
 @pytest.mark.parametrize("with_refs", [True, False], ids=["refs-passed", "refs-none"])
-def test_chosen_nll_is_the_nll_only(with_refs):
+def test_chosen_nll_is_the_nll_only(with_refs, run):
     pc, pr, rc, rr = inputs()
     args = (pc, pr, rc, rr) if with_refs else (pc, pr, None, None)
     assert_close(run("chosen_nll", *args), CHOSEN_NLL)
 
 
-def test_overrides_in_call_and_build():
+def test_overrides_in_call_and_build(run):
     # beta 0.5 instead of dpo's 0.1
     expected = [neg_logsigmoid(0.5 * (w - l)) for w, l in zip(H_W, H_L, strict=True)]
     assert_close(run("dpo", beta=0.5), expected)

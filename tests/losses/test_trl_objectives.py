@@ -31,7 +31,6 @@ import torch
 from losses import F_DIVERGENCES, LOSSES, METHODS, PAIR_LOSSES, PairTerms, preference_loss
 from losses.functions import apply_loss
 from losses.pairwise import apply_pair_loss
-from tests.losses.conftest import extra_inputs
 
 
 def sp(x: float) -> float:
@@ -242,7 +241,7 @@ def test_every_margin_loss_crosses_with_balanced(loss):
 
 
 @pytest.mark.parametrize("loss", sorted(PAIR_LOSSES))
-def test_per_side_objectives_refuse_the_balanced_margin(loss):
+def test_per_side_objectives_refuse_the_balanced_margin(loss, extra_inputs):
     inputs = [torch.tensor([-1.0, -2.0]) for _ in range(4)]
     with pytest.raises(ValueError, match="does not cross with margin='balanced'"):
         preference_loss(*inputs, loss=loss, margin="balanced", **extra_inputs(2))
@@ -266,7 +265,7 @@ def test_methods_report_whether_they_cross(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_float64_inputs_stay_float64(name):
+def test_float64_inputs_stay_float64(name, extra_inputs):
     gen = torch.Generator().manual_seed(1)
     logps = [-(torch.rand(6, generator=gen, dtype=torch.float64) * 30 + 1) for _ in range(4)]
     logps[0].requires_grad_(True)

@@ -15,31 +15,6 @@ from omegaconf import DictConfig
 
 from engine.task.tokenizer import build_tokenizer
 
-#: A budget on which the real pipeline produces pairs in seconds: 1-digit problems (155 distinct
-#: prompts exist; the sets below take 136 of them), a 2-layer model, SFT evaluated every 25 steps
-#: until a quarter of the validation answers are right (about 100 steps). The model then has the
-#: format and some of the arithmetic, so 8 samples per prompt give a correct and a wrong answer
-#: for several prompts.
-TINY_TASK = (
-    "data.problems.min_digits=1",
-    "data.problems.max_digits=1",
-    "data.problems.sft_problems=80",
-    "data.problems.pair_prompts=16",
-    "data.problems.eval_pair_prompts=8",
-    "data.problems.eval_problems=16",
-    "data.problems.sft_val_problems=16",
-    "data.sft.steps=200",
-    "data.sft.batch_size=32",
-    "data.sft.lr=3e-3",
-    "data.sft.eval_every=25",
-    "data.sft.accuracy_band=[0.25,0.7]",
-    "data.pairs.samples_per_prompt=8",
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=192",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=4",
-)
-
 #: The cheapest build there is (for the cache's behaviour, not the model's quality): 2 SFT steps
 #: of a 1-layer model, a handful of problems. The model stays untrained, so it reaches no band and
 #: makes no pairs; the build still completes and is cached.
@@ -79,23 +54,18 @@ def task_config(compose_config) -> Callable[..., DictConfig]:
 
 
 @pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory: pytest.TempPathFactory, task_config):
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, task_config, tiny_task_overrides):
     """One real build on the tiny budget, under its own XDG_CACHE_HOME (data.cache_dir null),
     shared by the modules that need a trained SFT model: ``(cfg, task, xdg)``."""
     from engine.task.pipeline import prepare_math_task
 
     xdg = tmp_path_factory.mktemp("xdg-tiny")
-    cfg = task_config(*TINY_TASK)
+    cfg = task_config(*tiny_task_overrides)
     assert cfg.data.cache_dir is None
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(xdg))
         task = prepare_math_task(cfg)
     return cfg, task, xdg
-
-
-@pytest.fixture(scope="session")
-def tiny_task_overrides() -> tuple[str, ...]:
-    return TINY_TASK
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +86,7 @@ def make_tiny_model(tokenizer):
     (0.02) gives peaked, prompt-dependent outputs, so argmax ties (which make float-level
     differences visible) do not occur.
     """
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
 
     def make(hidden: int = 16, layers: int = 1, seed: int = 0, init_std: float | None = None):
         tiny = {
@@ -146,7 +116,7 @@ class ScriptedModel(torch.nn.Module):
     ``respond(prompt, sample)`` gets the decoded prompt (specials removed) and, when sampling,
     a uniform draw from torch's global generator (``None`` for greedy), and returns the response
     text; the model emits its tokens, then EOS, then pads. It follows ``model.generate``'s
-    contract as :func:`engine.task.generation.generate` uses it, and records each call.
+    contract as :func:`engine.task.sampling.generate` uses it, and records each call.
     """
 
     def __init__(self, tokenizer, respond: Callable[[str, float | None], str]) -> None:

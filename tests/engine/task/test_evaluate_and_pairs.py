@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
 from engine import sample_pairs as sample_pairs_module
-from engine.data import load_pairs, write_jsonl
+from engine.data.loading import load_pairs, write_jsonl
 from engine.evaluate import evaluate
 from engine.sample_pairs import sample_pairs
 from engine.task.arithmetic import Problem, verify

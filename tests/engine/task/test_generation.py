@@ -1,6 +1,6 @@
-"""Tests for generation with the Hugging Face backend (engine.generation.HFBackend) on the task's
-tiny models: greedy determinism, left padding, seeded sampling; and the task's greedy accuracy,
-which runs on the generic evaluation parts."""
+"""Tests for generation with the Hugging Face backend (engine.generation.backends.HFBackend) on the
+task's tiny models: greedy determinism, left padding, seeded sampling; and the task's greedy
+accuracy, which runs on the generic evaluation parts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from engine.generation import HFBackend
+from engine.generation.backends import HFBackend
 from engine.task.arithmetic import Problem, generate_problems, solution
-from engine.task.generation import greedy_accuracy
+from engine.task.sampling import greedy_accuracy
 
 # Prompts of 4 to 12 characters: a batch of them is padded.
 PROMPTS = [p.prompt for p in generate_problems(12, seed=5, min_digits=1, max_digits=5)]

@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.data import load_pairs, write_jsonl
-from engine.generation import HFBackend
+from engine.data.loading import load_pairs, write_jsonl
+from engine.generation.backends import HFBackend
 from engine.task import pipeline
 from engine.task.arithmetic import Problem, solution, verify
-from engine.task.generation import MAX_NEW_TOKENS
-from engine.task.generation import task_pairs as build_pairs
 from engine.task.pipeline import (
     COMPLETE,
     _problem_sets,
@@ -31,6 +29,8 @@ from engine.task.pipeline import (
     default_cache_root,
     prepare_math_task,
 )
+from engine.task.sampling import MAX_NEW_TOKENS
+from engine.task.sampling import task_pairs as build_pairs
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -135,8 +135,8 @@ EXPECTED = json.loads((Path(__file__).parent / "data" / "tiny_task_expected.json
 
 
 def test_the_generic_parts_give_the_numbers_of_the_former_implementation(tiny_build) -> None:
-    """Requirement: the task's accuracy and pairs run on engine.evaluate / engine.pairing and do
-    not change. The expected values were captured from the task's own implementation before
+    """Requirement: the task's accuracy and pairs run on engine.evaluate / engine.generation.pairing
+    and do not change. The expected values were captured from the task's own implementation before
     (commit 66e5ac4) on this build: same SFT model, same accuracy, same pairs, same cache key
     (so existing caches stay valid)."""
     cfg, task, _ = tiny_build

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from engine.task.arithmetic import Problem, solution, split_problems
-from engine.task.generation import greedy_accuracy
+from engine.task.sampling import greedy_accuracy
 from engine.task.sft import encode_example, train_sft
 
 TRAIN, VAL = split_problems(200, 8, seed=0, min_digits=1, max_digits=2)

@@ -12,10 +12,38 @@ import os
 import shutil
 import socket
 import subprocess
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+#: every variable a launcher (torchrun, the deepspeed launcher, SLURM's srun) or
+#: :func:`init_distributed` for a world of one sets to describe a process's place in its job. A
+#: child process that must start a job of its own (a sweep's run, a test's subprocess) is given an
+#: environment without them (:func:`without_launcher_env`), else it would rendezvous on its
+#: parent's port.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_STEP_NUM_TASKS",
+)
+
+
+def without_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default: this process's) without :data:`LAUNCHER_VARIABLES`."""
+    environ = dict(os.environ if environ is None else environ)
+    return {key: value for key, value in environ.items() if key not in LAUNCHER_VARIABLES}
 
 
 def _free_port() -> int:
@@ -84,6 +112,12 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def zero_stage(ds_engine: Any) -> int:
+    """The ZeRO stage of a DeepSpeed engine (0 for anything that is not one, e.g. a bare model)."""
+    stage = getattr(ds_engine, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
 def rank() -> int:
     """This process's global rank (0 when not distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -128,3 +162,33 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+T = TypeVar("T")
+
+
+def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """This rank's share of ``items``: every ``world``-th item from ``rank_`` on (round-robin,
+    which balances long and short items better than contiguous blocks)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    return list(items[rank_::world])
+
+
+def gather_in_order(mine: list[Any]) -> list[Any] | None:
+    """On rank 0: every rank's :func:`shard` results, back in the original order; elsewhere None.
+
+    A collective (every rank must call it). Objects travel pickled (gloo or NCCL). Without a
+    process group (one process) it is the identity.
+    """
+    world = world_size()
+    if world == 1:
+        return list(mine)
+    parts: list[list[Any]] | None = [[] for _ in range(world)] if is_main() else None
+    dist.gather_object(mine, parts, dst=0)
+    if parts is None:
+        return None
+    ordered: list[Any] = []
+    for index in range(max(len(part) for part in parts)):
+        ordered += [part[index] for part in parts if index < len(part)]
+    return ordered

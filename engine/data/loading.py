@@ -75,7 +75,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.fileio import atomic_open
+from engine.runtime.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -654,7 +654,7 @@ def _truncate(
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write ``rows`` as JSON Lines, atomically: all rows or, on any error, the old file untouched
-    (:func:`engine.fileio.atomic_open`)."""
+    (:func:`engine.runtime.fileio.atomic_open`)."""
     with atomic_open(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,12 +1,12 @@
 """LoRA and QLoRA adapters on the policy, built on peft and bitsandbytes (the ``adapters`` extra).
 
-``model.lora`` (null = full fine-tuning), ``model.quantization`` (null | 4bit | 8bit) and
+``model.lora`` (``r`` null = full fine-tuning), ``model.quantization`` (null | 4bit | 8bit) and
 ``model.adapter`` (continue from a PEFT adapter directory) describe them. This module checks
-those keys (:func:`validate_adapter_config`), gives :func:`engine.modeling.load_model` the
+those keys (:func:`validate_adapter_config`), gives :func:`engine.model.loading.load_model` the
 quantization config to load the base with and wraps the loaded base (:func:`attach_adapters`),
 switches the adapters off for a live reference (:func:`adapters_disabled`), and keeps the
 adapters alone in checkpoints (:func:`checkpoint_adapters_only`). The exports of a run
-(``final_adapter/`` and the merged ``final_model/``) are :mod:`engine.adapter_export`'s.
+(``final_adapter/`` and the merged ``final_model/``) are :mod:`engine.model.adapter_export`'s.
 
 Only the adapter parameters (and ``modules_to_save``) require gradients; the engine hands only
 those to the optimizer, so the base weights stay bit-identical. Everything trainable is kept in the
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ConfigError
+from engine.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,22 @@ CPU_4BIT_IN_MULTIPLE = 64
 _HEADS = ("lm_head",)
 
 
+def lora_enabled(model_cfg: Any) -> bool:
+    """True when ``model.lora.r`` is set: fresh LoRA adapters of that rank. ``model.lora``
+    null, or its ``r`` null (the yaml's default), is full fine-tuning."""
+    lora = model_cfg.get("lora")
+    return lora is not None and hasattr(lora, "get") and lora.get("r") is not None
+
+
 def adapters_enabled(model_cfg: Any) -> bool:
-    """True when the policy trains adapters (``model.lora`` or ``model.adapter`` set)."""
-    return bool(model_cfg.get("lora")) or bool(model_cfg.get("adapter"))
+    """True when the policy trains adapters (``model.lora.r`` or ``model.adapter`` set)."""
+    return lora_enabled(model_cfg) or bool(model_cfg.get("adapter"))
+
+
+def lora_alpha(lora: Any) -> float:
+    """``model.lora.alpha``, or ``r`` when it is null (the adapters' scale alpha / r is 1)."""
+    alpha = lora.get("alpha")
+    return float(lora.r if alpha is None else alpha)
 
 
 def _require_package(name: str, key: str) -> None:
@@ -65,15 +78,26 @@ def validate_adapter_config(
     run them on this device (``cuda``: None = ask torch).
     """
     lora = model_cfg.get("lora")
-    if lora is not None:
-        if not hasattr(lora, "get"):
-            raise ConfigError(f"config key model.lora: must be null or a mapping, got {lora!r}")
+    if lora is not None and not hasattr(lora, "get"):
+        raise ConfigError(f"config key model.lora: must be null or a mapping, got {lora!r}")
+    if lora is not None and lora.get("r") is None:
+        chosen = [k for k in ("alpha", "target_modules", "modules_to_save") if lora.get(k)]
+        if chosen:
+            raise ConfigError(
+                f"config key model.lora.{chosen[0]}: is set but model.lora.r is null, which "
+                "leaves LoRA off (full fine-tuning); set model.lora.r=<rank> to train adapters"
+            )
+    if lora_enabled(model_cfg):
         r = lora.get("r")
         if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
             raise ConfigError(f"config key model.lora.r: must be an integer > 0, got {r!r}")
         alpha = lora.get("alpha")
-        if not (isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha > 0):
-            raise ConfigError(f"config key model.lora.alpha: must be a number > 0, got {alpha!r}")
+        if alpha is not None and not (
+            isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha > 0
+        ):
+            raise ConfigError(
+                f"config key model.lora.alpha: must be null (= r) or a number > 0, got {alpha!r}"
+            )
         dropout = lora.get("dropout", 0.0)
         if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
             raise ConfigError(f"config key model.lora.dropout: must be in [0, 1), got {dropout!r}")
@@ -105,7 +129,7 @@ def validate_adapter_config(
             "training needs adapters: set model.lora (QLoRA) or model.adapter"
         )
     if adapters_enabled(model_cfg):
-        _require_package("peft", "model.lora" if lora is not None else "model.adapter")
+        _require_package("peft", "model.lora" if lora_enabled(model_cfg) else "model.adapter")
     if quantization is not None:
         _require_package("bitsandbytes", "model.quantization")
     zero = (deepspeed_cfg or {}).get("zero_optimization") or {}
@@ -207,7 +231,7 @@ def _lora_config(model: nn.Module, lora: Any) -> Any:
             )
     return LoraConfig(
         r=int(lora.r),
-        lora_alpha=float(lora.alpha),
+        lora_alpha=lora_alpha(lora),
         lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets,
         modules_to_save=list(to_save) if to_save is not None else None,
@@ -226,7 +250,7 @@ def attach_adapters(model: nn.Module, model_cfg: Any) -> nn.Module:
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.requires_grad_(False)
     if model_cfg.get("adapter"):
-        if model_cfg.get("lora"):
+        if lora_enabled(model_cfg):
             log.info("model.adapter is set: its adapter_config.json replaces model.lora")
         peft_model = PeftModel.from_pretrained(
             model,
@@ -287,7 +311,7 @@ def checkpoint_adapters_only(model: nn.Module) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a ``PeftModel`` (its LoRA layers injected in place, so the
-    forward still runs the adapters); any other model as it is. :class:`engine.logprobs.
+    forward still runs the adapters); any other model as it is. :class:`engine.model.logprobs.
     SequenceLogProbs` needs this one: it calls the transformer body and the head itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) and _is_peft(model) else model
@@ -317,17 +341,12 @@ def disabled_adapter_scorer(
     """A live reference for fresh adapters (``reference.precompute=false``): ``batch -> (logps,
     counts)`` of the policy itself with its adapters disabled, under ``torch.no_grad``. Shares the
     policy's modules (no copy; under ZeRO-3 they gather their shards as in the policy's forward).
-    ``tails``: also LD-DPO's tail log-probs, as :func:`engine.reference.frozen_scorer` returns.
+    ``tails``: also LD-DPO's tail log-probs, as :func:`engine.model.reference.frozen_scorer`
+    returns.
     """
-    from engine.logprobs import SequenceLogProbs
+    from engine.model.logprobs import SequenceLogProbs
 
-    scorer = SequenceLogProbs(
-        unwrap(model),
-        chunk_size=int(trainer.logit_chunk_size),
-        keep_mb=float(trainer.get("logit_keep_mb", 0)),
-        chunked=bool(trainer.get("chunked_logprobs", True)),
-        tails=tails,
-    )
+    scorer = SequenceLogProbs.from_trainer(unwrap(model), trainer, tails=tails)
 
     @torch.no_grad()
     def forward(batch: Any) -> Any:

@@ -6,11 +6,13 @@ every evaluation (each ``evaluate(model, tokenizer, device) -> {name: value}``, 
 ``eval/<name>``), and extra ``results.json`` sections.
 
 A source is chosen by ``data.kind``. ``files`` (users' preference files, hub names, ``datasets``
-dirs) is the plain one. ``math``, the embedded task, builds (or reuses) its SFT model and pairs,
-then points the model at the SFT model and the data at its pair files; it adds its greedy
-accuracy as an evaluator and its SFT summary as ``results.json``'s ``sft``.
+dirs) is the plain one. ``math``, the embedded task, registers itself from :mod:`engine.task`: it
+builds (or reuses) its SFT model and pairs, then points the model at the SFT model and the data at
+its pair files; it adds its greedy accuracy as an evaluator and its SFT summary as
+``results.json``'s ``sft``.
 
-Adding a source: one function ``(cfg) -> ResolvedSource`` registered in :data:`SOURCES`. Adding
+Adding a source: one function ``(cfg) -> ResolvedSource`` decorated with
+``@SOURCES.register("kind")``, in a module the command imports. Adding
 an evaluator (e.g. benchmark accuracy): any object with :class:`Evaluator`'s ``evaluate``,
 appended to ``ResolvedSource.evaluators`` by the source that provides it.
 """
@@ -22,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from engine.data import DataReport, TokenizedPair, load_pairs
-from engine.modeling import load_tokenizer
+from engine.data.loading import DataReport, TokenizedPair, load_pairs
+from engine.runtime.errors import ConfigError
+from losses.registry import Registry
 
 
 class Evaluator(Protocol):
@@ -73,41 +76,22 @@ def files_source(cfg: DictConfig) -> ResolvedSource:
     return ResolvedSource(model_cfg=cfg.model, data_cfg=cfg.data)
 
 
-def math_source(cfg: DictConfig) -> ResolvedSource:
-    """``data=math``: the embedded task's cached SFT model and pairs, and its greedy accuracy."""
-    from engine.task.pipeline import prepare_math_task  # builds a model on first use: lazily
-
-    task = prepare_math_task(cfg)
-    if not task.made_train_pairs():
-        raise RuntimeError(
-            f"the math task cached in {task.root} has no train pairs: no prompt had both a "
-            "correct and a wrong answer among its samples (SFT held-out accuracy "
-            f"{task.sft_summary['accuracy']:.3f}, in band: {task.sft_summary['in_band']}); "
-            "change data.sft.* / data.problems.* so the SFT model lands in "
-            "data.sft.accuracy_band, or raise data.problems.pair_prompts"
-        )
-    return ResolvedSource(
-        model_cfg=OmegaConf.merge(cfg.model, {"name_or_path": str(task.model_dir)}),
-        data_cfg=OmegaConf.merge(
-            cfg.data, {"train": str(task.train_file), "eval": str(task.eval_file)}
-        ),
-        evaluators=[task],
-        extra_results={"sft": task.sft_summary},
-    )
+#: ``data.kind`` -> the source that resolves it. ``files`` is registered here; the embedded
+#: task registers ``math`` when :mod:`engine.task` is imported (the commands import it).
+SOURCES: Registry[Callable[[DictConfig], ResolvedSource]] = Registry("data source")
+SOURCES.add("files", files_source)
 
 
-#: ``data.kind`` -> the source that resolves it (any other kind reads files)
-SOURCES: dict[str, Callable[[DictConfig], ResolvedSource]] = {
-    "files": files_source,
-    "math": math_source,
-}
-
-
-def prepare_data(
-    cfg: DictConfig, tokenizer_loader: Callable[[Any], Any] = load_tokenizer
-) -> PreparedData:
-    """Resolve ``cfg.data`` through its source, then load the tokenizer and the pairs."""
-    source = SOURCES.get(str(cfg.data.get("kind", "files")), files_source)(cfg)
+def prepare_data(cfg: DictConfig, tokenizer_loader: Callable[[Any], Any]) -> PreparedData:
+    """Resolve ``cfg.data`` through its source (``data.kind``, :data:`SOURCES`), then load the
+    tokenizer of the source's model config with ``tokenizer_loader`` (e.g.
+    :func:`engine.model.loading.load_tokenizer`) and the pairs."""
+    kind = str(cfg.data.get("kind", "files"))
+    try:
+        resolve = SOURCES[kind]
+    except KeyError as error:
+        raise ConfigError(f"config key data.kind: {error}") from None
+    source = resolve(cfg)
     data_cfg = source.data_cfg
     tokenizer = tokenizer_loader(source.model_cfg)
     options = {

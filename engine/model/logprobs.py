@@ -1,7 +1,7 @@
 """Sequence log-probabilities of response tokens, without a (batch, length, vocab) log-softmax.
 
 The policy is wrapped in :class:`SequenceLogProbs`, the module handed to DeepSpeed: its forward runs
-the transformer body once over the whole batch (any layout of :mod:`engine.packing`), keeps the
+the transformer body once over the whole batch (any layout of :mod:`engine.data.packing`), keeps the
 hidden states only at positions that predict a response token, and applies the LM head to those in
 chunks of ``chunk_size`` tokens (:class:`ChunkedTokenLogProbs`): prompt and padding positions never
 reach the head, and no (batch, length, vocab) tensor exists. Each chunk's softmax is kept for the
@@ -16,6 +16,8 @@ pair.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +247,23 @@ class SequenceLogProbs(nn.Module):
         self.weighting = weighting
         self.tails = tails
 
+    @classmethod
+    def from_trainer(
+        cls, model: nn.Module, trainer: Any, *, weighting: bool = False, tails: bool = False
+    ) -> SequenceLogProbs:
+        """The module configured by the ``trainer`` config group (``logit_chunk_size``,
+        ``logit_keep_mb``, ``chunked_logprobs``): the one way the engine builds it, for the
+        policy, a frozen reference and a policy with its adapters disabled alike.
+        ``weighting`` / ``tails``: the objective's per-response extras (WPO's, LD-DPO's)."""
+        return cls(
+            model,
+            chunk_size=int(trainer.logit_chunk_size),
+            keep_mb=float(trainer.logit_keep_mb),
+            chunked=bool(trainer.chunked_logprobs),
+            weighting=weighting,
+            tails=tails,
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -261,7 +280,7 @@ class SequenceLogProbs(nn.Module):
         """Sum of log p over response tokens, and their count, for each sequence.
 
         The plain layout passes ``response_mask`` (one sequence per row); other layouts
-        (:mod:`engine.packing`) pass the scored tokens explicitly instead.
+        (:mod:`engine.data.packing`) pass the scored tokens explicitly instead.
 
         Args:
             input_ids: (N, T) token ids.
@@ -274,7 +293,7 @@ class SequenceLogProbs(nn.Module):
             score_targets: (M,) the scored tokens.
             score_sequences: (M,) the sequence (0 .. num_sequences - 1) each belongs to.
             num_sequences: S, the number of sequences.
-            attention_blocks: :mod:`engine.packing` blocks for segment-wise attention.
+            attention_blocks: :mod:`engine.data.packing` blocks for segment-wise attention.
 
         Returns:
             ``(logps, counts)``: (S,) float32 summed log-probs and (S,) response token counts,
@@ -292,7 +311,7 @@ class SequenceLogProbs(nn.Module):
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if attention_blocks is not None:
-            from engine.packing import ensure_block_attention
+            from engine.data.packing import ensure_block_attention
 
             ensure_block_attention(self.model)
             kwargs["attention_blocks"] = attention_blocks

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from engine import distributed as dist_utils
 from engine.objective import ObjectiveInputs
+from engine.runtime import distributed as dist_utils
 from losses.diagnostics import PairDiagnostics, pair_diagnostics
 
 

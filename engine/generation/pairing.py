@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.generation import Backend, PromptFormat, complete
-from engine.verifiers import VERIFIERS
+from engine.generation.backends import Backend, PromptFormat, complete
+from engine.generation.verifiers import VERIFIERS
 
 
 @dataclass

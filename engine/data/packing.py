@@ -1,6 +1,6 @@
 """Micro-batch layouts beyond right padding: padding-free packing and prefix sharing.
 
-The plain layout (:func:`engine.batching.collate_pairs`) gives each pair two right-padded rows,
+The plain layout (:func:`engine.data.batching.collate_pairs`) gives each pair two right-padded rows,
 prompt + chosen and prompt + rejected. Two exact alternatives cut the tokens the body runs on:
 
 - **prefix sharing** (arXiv 2410.20305): one sequence ``[prompt | chosen | rejected]`` per pair. The
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from engine.pair_batch import PairBatch
+from engine.data.pair_batch import PairBatch
 
 if TYPE_CHECKING:
-    from engine.data import TokenizedPair
+    from engine.data.loading import TokenizedPair
 
 BLOCK_ATTENTION = ("segments", "mask", "position_ids")
 
@@ -83,11 +83,11 @@ class PairLayout:
     @classmethod
     def from_config(cls, trainer: Any) -> PairLayout:
         """The layout selected by ``trainer.prefix_sharing`` / ``padding_free`` /
-        ``block_attention`` (absent keys: the plain layout)."""
+        ``block_attention`` (``conf/trainer/default.yaml`` holds their defaults)."""
         return cls(
-            prefix_sharing=bool(trainer.get("prefix_sharing", False)),
-            padding_free=bool(trainer.get("padding_free", False)),
-            block_attention=str(trainer.get("block_attention", "segments")),
+            prefix_sharing=bool(trainer.prefix_sharing),
+            padding_free=bool(trainer.padding_free),
+            block_attention=str(trainer.block_attention),
         )
 
 
@@ -164,7 +164,7 @@ def _units(pairs: Sequence[TokenizedPair], layout: PairLayout) -> list[_Unit]:
 def collate_layout(
     pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, layout: PairLayout
 ) -> PairBatch:
-    """A :class:`~engine.pair_batch.PairBatch` of ``pairs`` in ``layout`` (any but plain)."""
+    """A :class:`~engine.data.pair_batch.PairBatch` of ``pairs`` in ``layout`` (any but plain)."""
     units = _units(pairs, layout)
     if layout.padding_free:
         rows = [units]

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from engine import adapters as adapter_lib
+from engine.model import adapters as adapter_lib
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def _check_local(key: str, source: str) -> None:
 
 def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer of ``model.tokenizer`` / ``model.name_or_path``; with neither (the tiny model
-    on users' data), the byte-level tokenizer built in code (:mod:`engine.byte_tokenizer`), which
-    encodes any text and has a chat template.
+    on users' data), the byte-level tokenizer built in code (:mod:`engine.data.byte_tokenizer`),
+    which encodes any text and has a chat template.
 
     The embedded math task does not come here for its fresh tiny model: it builds its own
     tokenizer (:mod:`engine.task.tokenizer`) and trains from its cached SFT model, whose
@@ -92,7 +92,7 @@ def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBas
         except OSError as error:
             raise OSError(f"{key}.{field}={source!r}: cannot load a tokenizer: {error}") from None
     else:
-        from engine.byte_tokenizer import build_byte_tokenizer
+        from engine.data.byte_tokenizer import build_byte_tokenizer
 
         tokenizer = build_byte_tokenizer()
     ensure_pad_token(tokenizer)
@@ -112,8 +112,8 @@ def load_model(
 
     ``adapters=True`` (the policy being trained) applies ``model.quantization`` while loading and
     returns the base wrapped in its LoRA adapters (``model.lora`` / ``model.adapter``, a peft
-    ``PeftModel``: :mod:`engine.adapters`); without it the plain base is returned, whatever the
-    adapter keys say (the SFT stage, a separate reference, the export's merge base).
+    ``PeftModel``: :mod:`engine.model.adapters`); without it the plain base is returned, whatever
+    the adapter keys say (the SFT stage, a separate reference, the export's merge base).
     """
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")))
     qconfig = None

@@ -1,9 +1,9 @@
 """The embedded task on the generic generation parts: greedy accuracy and verified pairs.
 
 The task supplies its problems, its prompt format (the bare prompt, no chat template), its
-tokenizer and its verifier (``arithmetic`` in ``engine.verifiers.VERIFIERS``); generation,
-verification and pairing are the same code that evaluates and samples from any model
-(:mod:`engine.evaluate`, :mod:`engine.pairing`).
+tokenizer and its verifier (``arithmetic`` in ``engine.generation.verifiers.VERIFIERS``);
+generation, verification and pairing are the same code that evaluates and samples from any model
+(:mod:`engine.evaluate`, :mod:`engine.generation.pairing`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.evaluate import generate_and_judge, summarize
-from engine.generation import HFBackend, PromptFormat
-from engine.pairing import build_pairs
+from engine.generation.backends import HFBackend, PromptFormat
+from engine.generation.evaluation import generate_and_judge, summarize
+from engine.generation.pairing import build_pairs
 from engine.task.arithmetic import Problem
 
 #: the task's prompt is the problem itself ("4721+958="), tokenized with BOS
@@ -64,8 +64,8 @@ def task_pairs(
     temperature: float,
     seed: int,
 ) -> tuple[list[dict[str, str]], dict[str, float]]:
-    """Sample, verify and pair (:func:`engine.pairing.build_pairs`): one (correct, wrong) pair
-    per prompt that has both.
+    """Sample, verify and pair (:func:`engine.generation.pairing.build_pairs`): one (correct,
+    wrong) pair per prompt that has both.
 
     Returns the rows (``prompt``, ``chosen``, ``rejected``, ``answer``) and counts: prompts,
     pairs, sample accuracy, prompts with all samples correct / all wrong.

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.data import SCORE_FIELDS, TokenizedPair
-from engine.scoring import PairScores
+from engine.data.loading import SCORE_FIELDS, TokenizedPair
 
 
 def score_columns(pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +60,6 @@ def mismatched_pairs(pairs: Sequence[TokenizedPair], max_length: int) -> list[To
     return out
 
 
-def mismatched_logratios(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's ``kl_logratios`` from the (2B,) policy and reference log-probs of the mismatched
-    sequences of a batch (both responses of each mismatched pair), detached."""
-    return (policy_logps.detach().float() - reference_logps.float()).detach()
-
-
 @dataclass(frozen=True)
 class PairExtras:
     """The data-derived objective inputs of a run, (N,) in dataset order, indexed per batch.
@@ -105,7 +98,7 @@ class PairExtras:
         return cls(**found)
 
     def reference_data(self, data: Any) -> Any:
-        """``data`` (a :class:`engine.sources.PreparedData`) with the mismatched pairs appended
+        """``data`` (a :class:`engine.data.sources.PreparedData`) with the mismatched pairs appended
         to its train and eval pairs, for the reference to score them with the others."""
         if self.mismatched_train is None:
             return data
@@ -130,11 +123,3 @@ class PairExtras:
         if self.eval_scores is None:
             return {}
         return {"score_chosen": self.eval_scores[0], "score_rejected": self.eval_scores[1]}
-
-
-def kl_logratios(policy: PairScores, reference: PairScores) -> torch.Tensor:
-    """KTO's ``kl_logratios``: the log-ratios of both responses of each mismatched pair (2B,),
-    detached (the reference point is a constant of the step, as in KTOTrainer)."""
-    chosen = policy.chosen_logps.detach().float() - reference.chosen_logps.to(policy.chosen_logps)
-    rejected = policy.rejected_logps.detach().float() - reference.rejected_logps.to(chosen)
-    return torch.cat([chosen, rejected]).detach()

@@ -1,11 +1,11 @@
 """Math answers through math-verify: the answer a completion states, and whether it equals the gold.
 
-This module holds the math logic of the ``math`` verifier (``engine.verifiers``) and runs in a
-helper process: ``python -c "from engine.math_answers import serve; serve()"`` answers one JSON
-request per line on stdin (``{"completion": ..., "gold": ...}``) with one JSON line on stdout
-(``{"correct": bool, "extracted": str | null}``). The verifier kills that process when a request
-exceeds its time limit, so math-verify runs here with its own signal-based timeouts switched off
-(``parsing_timeout=None``, ``timeout_seconds=None``): those only work in a main thread, and
+This module holds the math logic of the ``math`` verifier (``engine.generation.verifiers``) and runs
+in a helper process: ``python -c "from engine.generation.math_answers import serve; serve()"``
+answers one JSON request per line on stdin (``{"completion": ..., "gold": ...}``) with one JSON line
+on stdout (``{"correct": bool, "extracted": str | null}``). The verifier kills that process when a
+request exceeds its time limit, so math-verify runs here with its own signal-based timeouts switched
+off (``parsing_timeout=None``, ``timeout_seconds=None``): those only work in a main thread, and
 sympy can hang in C code (a huge power) where no Python-level timeout reaches.
 
 Rules:

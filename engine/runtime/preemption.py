@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from engine import distributed as dist_utils
+from engine.runtime import distributed as dist_utils
 
-log = logging.getLogger("engine.preemption")
+log = logging.getLogger("engine.runtime.preemption")
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL (sysexits.h): a temporary failure, retry later
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from engine import distributed as dist_utils
-from engine.batching import PairBatch, collate_pairs, shard_evenly
-from engine.data import TokenizedPair
+from engine.data.batching import PairBatch, collate_pairs, shard_evenly
+from engine.data.loading import TokenizedPair
+from engine.runtime import distributed as dist_utils
 
 
 @dataclass(frozen=True)
-class PairScores:
+class PairLogProbs:
     """Per-pair summed response log-probs and response token counts, (N,) each.
 
     The policy's scores of a micro batch (with gradients) and a reference's scores (detached)
@@ -31,16 +31,16 @@ class PairScores:
     rejected_logps: torch.Tensor
     chosen_counts: torch.Tensor
     rejected_counts: torch.Tensor
-    # per-response extras (engine.logprobs.SequenceLogProbs(tails=..., weighting=...)), or None:
-    # LD-DPO's log-probs past the pair's shorter response, and WPO's mean log p - log sum p^2
+    # per-response extras (engine.model.logprobs.SequenceLogProbs(tails=..., weighting=...)), or
+    # None: LD-DPO's log-probs past the pair's shorter response, and WPO's mean log p - log sum p^2
     chosen_tail_logps: torch.Tensor | None = None
     rejected_tail_logps: torch.Tensor | None = None
     chosen_weighting_logps: torch.Tensor | None = None
     rejected_weighting_logps: torch.Tensor | None = None
 
-    def index(self, indices: torch.Tensor) -> PairScores:
+    def index(self, indices: torch.Tensor) -> PairLogProbs:
         """The scores of the pairs at ``indices``."""
-        return PairScores(
+        return PairLogProbs(
             *(
                 None if value is None else value[indices]
                 for value in (getattr(self, f.name) for f in fields(self))
@@ -53,7 +53,7 @@ class PairScores:
         logps: torch.Tensor,
         counts: torch.Tensor,
         extras: dict[str, torch.Tensor] | None = None,
-    ) -> PairScores:
+    ) -> PairLogProbs:
         """The scores of a forward pass over a :class:`PairBatch` of B pairs: its 2B sequence
         log-probs and counts, chosen first, and any per-sequence ``extras`` of the scorer
         (``"tail_logps"``, ``"weighting_logps"``)."""
@@ -66,7 +66,7 @@ class PairScores:
         return cls(logps[:n], logps[n:], counts[:n], counts[n:], **halves)
 
     @classmethod
-    def zeros(cls, num_pairs: int) -> PairScores:
+    def zeros(cls, num_pairs: int) -> PairLogProbs:
         """Zero log-probs with counts of 1: the reference of a reference-free objective."""
         zeros = torch.zeros(num_pairs)
         ones = torch.ones(num_pairs, dtype=torch.long)
@@ -74,21 +74,21 @@ class PairScores:
 
 
 #: ``batch -> (logps, counts)`` of its 2B sequences, or ``(logps, counts, extras)`` when the scorer
-#: also returns per-sequence extras (a dict, see :meth:`PairScores.split`)
+#: also returns per-sequence extras (a dict, see :meth:`PairLogProbs.split`)
 ForwardFn = Callable[[PairBatch], tuple]
 
-#: the per-sequence extras a scorer may return, in the column order score_pairs stores them
+#: the per-sequence extras a scorer may return, in the column order logprobs_of_pairs stores them
 EXTRAS = ("tail_logps", "weighting_logps")
 
 
 @torch.no_grad()
-def score_pairs(
+def logprobs_of_pairs(
     forward: ForwardFn,
     pairs: Sequence[TokenizedPair],
     batch_size: int,
     pad_id: int,
     device: torch.device | str,
-) -> PairScores:
+) -> PairLogProbs:
     """Score every pair with ``forward`` (a batch -> (logps, counts) of its 2B rows).
 
     Every rank must call this with the same ``pairs``; every rank gets the full result.
@@ -119,6 +119,6 @@ def score_pairs(
             name = key.removesuffix("_logps")
             found[f"chosen_{name}_logps"] = chosen.float()
             found[f"rejected_{name}_logps"] = rejected.float()
-    return PairScores(
+    return PairLogProbs(
         full[:, 0].float(), full[:, 1].float(), full[:, 2].long(), full[:, 3].long(), **found
     )

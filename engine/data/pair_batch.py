@@ -1,7 +1,8 @@
 """The micro batch the policy scores: :class:`PairBatch`, one forward pass over B pairs.
 
-Its own module because both layouts build it: the plain one (:mod:`engine.batching`) and the
-packed ones (:mod:`engine.packing`), and :mod:`engine.batching` uses :mod:`engine.packing`.
+Its own module because both layouts build it: the plain one (:mod:`engine.data.batching`) and the
+packed ones (:mod:`engine.data.packing`), and :mod:`engine.data.batching` uses
+:mod:`engine.data.packing`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ class PairBatch:
     """A micro batch of B pairs as one forward pass whose output is 2B sequence log-probs:
     sequences 0..B-1 are the chosen responses, B..2B-1 the rejected ones.
 
-    In the plain layout (:func:`engine.batching.collate_pairs` without a layout) the rows are
+    In the plain layout (:func:`engine.data.batching.collate_pairs` without a layout) the rows are
     those sequences, prompt + response, right-padded: (2B, T) tensors, ``response_mask`` marking
     the scored tokens.
-    Other layouts (:mod:`engine.packing`: prefix sharing, padding-free packing) arrange the tokens
-    differently and list the scored tokens explicitly in ``score_*`` instead.
+    Other layouts (:mod:`engine.data.packing`: prefix sharing, padding-free packing) arrange the
+    tokens differently and list the scored tokens explicitly in ``score_*`` instead.
     """
 
     input_ids: torch.Tensor  # (rows, T)
@@ -32,7 +33,7 @@ class PairBatch:
     score_positions: torch.Tensor | None = None  # (M,) flat index into rows * T: the predictor
     score_targets: torch.Tensor | None = None  # (M,) the token it predicts
     score_sequences: torch.Tensor | None = None  # (M,) which of the 2B sequences it belongs to
-    attention_blocks: tuple | None = None  # engine.packing blocks (block_attention=segments)
+    attention_blocks: tuple | None = None  # engine.data.packing blocks (block_attention=segments)
 
     @property
     def num_pairs(self) -> int:
@@ -49,7 +50,7 @@ class PairBatch:
         )
 
     def model_inputs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`engine.logprobs.SequenceLogProbs` for this batch."""
+        """Keyword arguments of :class:`engine.model.logprobs.SequenceLogProbs` for this batch."""
         inputs: dict[str, Any] = {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,

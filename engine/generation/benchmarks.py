@@ -4,7 +4,7 @@ answer, the prompt, the verifier and the decoding.
 A benchmark is one yaml in ``conf/benchmark/`` (``math500``, ``aime24``, ``amc23``,
 ``minerva_math``, ``olympiadbench``; a user's own benchmark is one more file), selected as a list:
 ``benchmark=[math500,aime24]``, with its file given as ``benchmark.math500.path=<source>``. A source
-is what ``engine.data.read_rows`` reads: a JSONL / JSON / Parquet file, a ``datasets``
+is what ``engine.data.loading.read_rows`` reads: a JSONL / JSON / Parquet file, a ``datasets``
 ``save_to_disk`` directory, or a hub name where the network allows.
 
 Keys (the defaults are the BPO paper's evaluation: its system line, the model's chat template,
@@ -17,8 +17,9 @@ greedy decoding, 2048 new tokens, math-verify):
   AMC's ``27.0`` are read as text), ``last_boxed`` (the last ``\\boxed{}`` of the field: Minerva's
   ``solution``) or ``dollar_list`` (a list of ``$...$`` strings, joined with ``, ``:
   OlympiadBench's ``final_answer``);
-- ``verifier`` (a name in ``engine.verifiers.VERIFIERS``), ``prompt`` (``system``, ``user``,
-  ``chat_template``: :class:`engine.generation.PromptFormat`), ``max_new_tokens``,
+- ``verifier`` (a name in ``engine.generation.verifiers.VERIFIERS``), ``prompt`` (``system``,
+``user``,
+  ``chat_template``: :class:`engine.generation.backends.PromptFormat`), ``max_new_tokens``,
   ``temperature``, ``top_p``.
 
 A row without its problem or answer field stops with an error naming the file, the row and the
@@ -33,10 +34,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.data import read_rows
-from engine.generation import PromptFormat
-from engine.math_answers import last_boxed
-from engine.verifiers import VERIFIERS
+from engine.data.loading import read_rows
+from engine.generation.backends import PromptFormat
+from engine.generation.math_answers import last_boxed
+from engine.generation.verifiers import VERIFIERS
 
 #: the system line of the BPO paper's prompt (Qwen2.5-Math's chain-of-thought prompt)
 PAPER_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}"

@@ -201,7 +201,6 @@ class HFBackend:
                     repetition_penalty=1.0,
                     **decoding,
                     **self.lockstep,
-                    **self.lockstep,
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
                 completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -275,7 +274,7 @@ def load_backend(generation_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[Bac
     ``generate`` call) and ``vllm`` (options for ``vllm.LLM``). The hf model goes to this
     process's GPU (``LOCAL_RANK``) when there is one, else the CPU.
     """
-    from engine.modeling import load_model, load_tokenizer
+    from engine.model.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_cfg)
     kind = str(generation_cfg.get("backend", "hf"))

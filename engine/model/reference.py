@@ -1,8 +1,8 @@
 """The reference policy pi_ref, in one place: what the train step and evaluation ask for
 reference scores.
 
-Every variant answers the same two questions: :meth:`Reference.train_scores` (the micro batch's
-pairs) and :meth:`Reference.eval_scores` (every eval pair, in order). Which one a run gets
+Every variant answers the same two questions: :meth:`Reference.train_logprobs` (the micro batch's
+pairs) and :meth:`Reference.eval_logprobs` (every eval pair, in order). Which one a run gets
 (:func:`make_reference`):
 
 - ``precompute`` (the default): the initial policy's scores of every train and eval pair,
@@ -11,8 +11,8 @@ pairs) and :meth:`Reference.eval_scores` (every eval pair, in order). Which one 
   once for that pass and then dropped;
 - ``live`` (``reference.precompute=false``): a frozen scorer kept in memory and run on every micro
   batch: a copy of the initial policy, or the separate model (loaded once); with adapters
-  (:mod:`engine.adapters`), the policy itself with its adapters disabled (fresh adapters start as
-  the base: no copy), or a frozen base + ``model.adapter`` when training continues an adapter;
+  (:mod:`engine.model.adapters`), the policy itself with its adapters disabled (fresh adapters start
+  as the base: no copy), or a frozen base + ``model.adapter`` when training continues an adapter;
 - ``none``: a reference-free objective (``requirements.needs_reference`` false): zero scores, no
   scoring pass, no model loaded.
 
@@ -20,7 +20,7 @@ Scores computed before training are written to ``reference_logps.pt`` in the run
 read back on resume, so a resumed run compares against the *initial* policy.
 
 Adding a variant: a live reference is any frozen scorer, a callable ``PairBatch -> (logps,
-counts)`` of the batch's 2B sequences (:data:`engine.scoring.ForwardFn`), run under
+counts)`` of the batch's 2B sequences (:data:`engine.model.pair_logprobs.ForwardFn`), run under
 ``torch.no_grad``. E.g. "the policy with its adapters disabled" is ``LiveReference(scorer)`` with
 a scorer that runs the policy inside peft's ``disable_adapter()``; choose it in
 :func:`make_reference`. A precomputed one from another scorer is
@@ -37,16 +37,17 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from engine import adapters
-from engine import distributed as dist_utils
-from engine.data import TokenizedPair
-from engine.fileio import atomic_open
-from engine.logprobs import SequenceLogProbs
-from engine.modeling import load_model, load_tokenizer
-from engine.pair_batch import PairBatch
-from engine.scoring import ForwardFn, PairScores, score_pairs
+from engine.data.loading import TokenizedPair
+from engine.data.pair_batch import PairBatch
+from engine.model import adapters
+from engine.model.loading import load_model, load_tokenizer
+from engine.model.logprobs import SequenceLogProbs
+from engine.model.pair_logprobs import ForwardFn, PairLogProbs, logprobs_of_pairs
+from engine.runtime import distributed as dist_utils
+from engine.runtime.fileio import atomic_open
 
-#: the reference's scores in the run directory: (train PairScores | None, eval PairScores | None)
+#: the reference's scores in the run directory: (train PairLogProbs | None, eval PairLogProbs |
+#: None)
 REFERENCE_FILE = "reference_logps.pt"
 
 
@@ -70,35 +71,37 @@ class Reference:
     ) -> None:
         self.pairs, self.eval_pairs = pairs, eval_pairs
         self.micro_batch_size, self.pad_id, self.device = micro_batch_size, pad_id, device
-        self._train: PairScores | None = None
-        self._eval: PairScores | None = None
+        self._train: PairLogProbs | None = None
+        self._eval: PairLogProbs | None = None
 
     def prepare(self, policy: torch.nn.Module, run_dir: Path, resume: bool) -> None:
         """Compute what is computed before the first update, with ``policy`` (the DeepSpeed
-        engine, still the initial policy) and save it in ``run_dir``; on ``resume``, read it
+        ds_engine, still the initial policy) and save it in ``run_dir``; on ``resume``, read it
         back instead when the file is there. Every rank must call this."""
         path = run_dir / REFERENCE_FILE
         if resume and path.is_file():
             self._train, self._eval = torch.load(path, weights_only=False)
             return
-        self._train, self._eval = self._score_all(policy)
+        self._train, self._eval = self._logprobs_all(policy)
         if dist_utils.is_main():
             with atomic_open(path, "wb") as handle:
                 torch.save((self._train, self._eval), handle)
 
-    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+    def _logprobs_all(
+        self, policy: torch.nn.Module
+    ) -> tuple[PairLogProbs | None, PairLogProbs | None]:
         raise NotImplementedError
 
-    def _score(self, forward: ForwardFn, pairs: list[TokenizedPair]) -> PairScores | None:
+    def _logprobs(self, forward: ForwardFn, pairs: list[TokenizedPair]) -> PairLogProbs | None:
         if not pairs:
             return None
-        return score_pairs(forward, pairs, self.micro_batch_size, self.pad_id, self.device)
+        return logprobs_of_pairs(forward, pairs, self.micro_batch_size, self.pad_id, self.device)
 
-    def train_scores(self, batch: PairBatch) -> PairScores:
+    def train_logprobs(self, batch: PairBatch) -> PairLogProbs:
         """The reference's scores of ``batch``'s pairs (detached; on the CPU or ``device``)."""
         raise NotImplementedError
 
-    def eval_scores(self) -> PairScores | None:
+    def eval_logprobs(self) -> PairLogProbs | None:
         """The reference's scores of every eval pair (None without eval pairs)."""
         return self._eval
 
@@ -116,14 +119,16 @@ class PrecomputedReference(Reference):
         super().__init__(*args, **kwargs)
         self._load_scorer = load_scorer
 
-    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
+    def _logprobs_all(
+        self, policy: torch.nn.Module
+    ) -> tuple[PairLogProbs | None, PairLogProbs | None]:
         forward = self._load_scorer() if self._load_scorer else _forward_of(policy)
         policy.eval()
-        scores = self._score(forward, self.pairs), self._score(forward, self.eval_pairs)
+        scores = self._logprobs(forward, self.pairs), self._logprobs(forward, self.eval_pairs)
         policy.train()
         return scores  # a separate reference goes out of scope here: needed for this pass only
 
-    def train_scores(self, batch: PairBatch) -> PairScores:
+    def train_logprobs(self, batch: PairBatch) -> PairLogProbs:
         return self._train.index(batch.indices.cpu())
 
 
@@ -132,9 +137,11 @@ class NoReference(PrecomputedReference):
 
     kind = "none"
 
-    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
-        return PairScores.zeros(len(self.pairs)), (
-            PairScores.zeros(len(self.eval_pairs)) if self.eval_pairs else None
+    def _logprobs_all(
+        self, policy: torch.nn.Module
+    ) -> tuple[PairLogProbs | None, PairLogProbs | None]:
+        return PairLogProbs.zeros(len(self.pairs)), (
+            PairLogProbs.zeros(len(self.eval_pairs)) if self.eval_pairs else None
         )
 
 
@@ -148,12 +155,14 @@ class LiveReference(Reference):
         super().__init__(*args, **kwargs)
         self.scorer = scorer
 
-    def _score_all(self, policy: torch.nn.Module) -> tuple[PairScores | None, PairScores | None]:
-        return None, self._score(self.scorer, self.eval_pairs)
+    def _logprobs_all(
+        self, policy: torch.nn.Module
+    ) -> tuple[PairLogProbs | None, PairLogProbs | None]:
+        return None, self._logprobs(self.scorer, self.eval_pairs)
 
-    def train_scores(self, batch: PairBatch) -> PairScores:
+    def train_logprobs(self, batch: PairBatch) -> PairLogProbs:
         with torch.no_grad():
-            return PairScores.split(*self.scorer(batch))
+            return PairLogProbs.split(*self.scorer(batch))
 
 
 def make_reference(
@@ -167,7 +176,7 @@ def make_reference(
     """The reference ``cfg.reference`` asks for (see the module docstring). Call it before
     DeepSpeed wraps ``model`` (the initial policy): a live copy is taken from it.
 
-    ``data`` is the run's :class:`engine.sources.PreparedData`; ``tails``: the objective needs
+    ``data`` is the run's :class:`engine.data.sources.PreparedData`; ``tails``: the objective needs
     LD-DPO's tail log-probs of the reference too (a policy scoring with ``tails`` returns them).
     """
     reference_cfg = cfg.get("reference") or {}
@@ -226,13 +235,7 @@ def frozen_scorer(model: torch.nn.Module, trainer: Any, tails: bool = False) -> 
     """``batch -> (logps, counts)`` of a frozen model (a reference), in eval mode, no gradients;
     ``tails``: also LD-DPO's tail log-probs (``(logps, counts, extras)``)."""
     model.eval().requires_grad_(False)
-    scorer = SequenceLogProbs(
-        model,
-        chunk_size=int(trainer.logit_chunk_size),
-        keep_mb=float(trainer.get("logit_keep_mb", 0)),
-        chunked=bool(trainer.get("chunked_logprobs", True)),
-        tails=tails,
-    ).eval()
+    scorer = SequenceLogProbs.from_trainer(model, trainer, tails=tails).eval()
 
     @torch.no_grad()
     def forward(batch: PairBatch) -> tuple:

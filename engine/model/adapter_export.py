@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine import distributed as dist_utils
+from engine.runtime import distributed as dist_utils
 
 
-def trainable_state_dict(engine: Any, model: nn.Module) -> dict[str, torch.Tensor] | None:
+def trainable_state_dict(ds_engine: Any, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The trainable tensors (adapters and modules_to_save) by parameter name, full size, on CPU,
     on rank 0 (None elsewhere): what ``PeftModel.save_pretrained(state_dict=...)`` takes.
 
@@ -30,7 +30,7 @@ def trainable_state_dict(engine: Any, model: nn.Module) -> dict[str, torch.Tenso
     must call this).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    stage = dist_utils.zero_stage(ds_engine)
     gather: Any = contextlib.nullcontext()
     if stage == 3:
         import deepspeed
@@ -66,7 +66,7 @@ def merge_adapter(base: nn.Module, adapter_dir: Path) -> nn.Module:
 
 
 def export_adapters(
-    engine: Any,
+    ds_engine: Any,
     model: nn.Module,
     tokenizer: Any,
     run_dir: Path,
@@ -77,7 +77,7 @@ def export_adapters(
     ``load_base()`` returns, Hugging Face format). Every rank must call this (ZeRO-3 gathers);
     rank 0 writes. The base is reloaded rather than dequantized: merging into 4-bit weights would
     round the merged weights to 4 bits."""
-    state = trainable_state_dict(engine, model)
+    state = trainable_state_dict(ds_engine, model)
     if state is None:  # not rank 0
         return
 

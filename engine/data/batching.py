@@ -9,7 +9,7 @@ same global batches as one process with N times the micro batch. Length grouping
 batches hold pairs of similar length, keeping all of these properties (:class:`StepSampler`).
 
 Layouts: :func:`collate_pairs` builds the plain layout itself (two right-padded rows per pair);
-prefix sharing and padding-free packing are :mod:`engine.packing`'s.
+prefix sharing and padding-free packing are :mod:`engine.data.packing`'s.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.packing import PairLayout, collate_layout, pair_length
-from engine.pair_batch import PairBatch
+from engine.data.packing import PairLayout, collate_layout, pair_length
+from engine.data.pair_batch import PairBatch
 
 if TYPE_CHECKING:
-    from engine.data import TokenizedPair
+    from engine.data.loading import TokenizedPair
 
 __all__ = [
     "PairBatch",
@@ -59,7 +59,7 @@ def collate_pairs(
     layout: PairLayout | None = None,
 ) -> PairBatch:
     """Stack pairs into one :class:`PairBatch`: in the plain layout (``layout`` None or plain),
-    chosen rows first, then rejected rows; else as :func:`engine.packing.collate_layout` lays
+    chosen rows first, then rejected rows; else as :func:`engine.data.packing.collate_layout` lays
     them out."""
     if layout is not None and not layout.plain:
         return collate_layout(pairs, indices, pad_id, layout)
@@ -163,7 +163,7 @@ def step_sampler(
     """The training order ``trainer`` (the ``trainer`` config group) asks for: length-grouped by
     the pairs' lengths in the configured layout when ``trainer.length_grouping`` is set."""
     lengths = None
-    if trainer.get("length_grouping", False):
+    if trainer.length_grouping:
         layout = PairLayout.from_config(trainer)
         lengths = [pair_length(pair, layout) for pair in pairs]
     return StepSampler(
@@ -173,7 +173,7 @@ def step_sampler(
         world_size,
         seed,
         lengths=lengths,
-        megabatch=int(trainer.get("length_grouping_megabatch", 64)),
+        megabatch=int(trainer.length_grouping_megabatch),
     )
 
 

@@ -1,0 +1,73 @@
+"""How the commands start: the Hydra entry point they share, joining a launcher's process group,
+and the one output directory every rank agrees on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.runtime import distributed as dist_utils
+
+#: the project's Hydra config directory (absolute: a command module is not ``__main__``'s package)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def init_if_launched() -> None:
+    """Join the process group when a launcher started several processes (``WORLD_SIZE`` > 1);
+    a single process stays without one (no DeepSpeed import, no port)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist_utils.init_distributed()
+
+
+def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
+    """``python -m engine.<command>``: compose ``conf/<config_name>.yaml`` with the command line
+    and call ``function(cfg)``.
+
+    The deepspeed launcher appends ``--local_rank=N``, which Hydra would reject: it is taken off
+    the command line (``LOCAL_RANK`` says the same). Ranks other than 0 (under a launcher) make no
+    run directory and no log files of their own: rank 0's output directory is broadcast
+    (:func:`resolve_output_dir`).
+    """
+    import hydra
+
+    for arg in list(sys.argv[1:]):
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += [
+            "hydra.output_subdir=null",
+            "hydra.run.dir=.",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+        ]
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def main(cfg: Any) -> None:
+        function(cfg)
+
+    main()
+
+
+def chosen_output_dir(cfg: Any, fallback: str) -> Path:
+    """This process's choice of output directory, without a collective: ``cfg.output_dir``, else
+    Hydra's run directory, else ``fallback`` (called outside ``@hydra.main``); absolute."""
+    run_dir = cfg.get("output_dir")
+    if not run_dir:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else fallback
+    return Path(str(run_dir)).resolve()
+
+
+def resolve_output_dir(cfg: Any, fallback: str) -> Path:
+    """:func:`chosen_output_dir` of rank 0 on every rank (a collective), created by rank 0."""
+    path = Path(dist_utils.broadcast_object(str(chosen_output_dir(cfg, fallback))))
+    if dist_utils.is_main():
+        path.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
+    return path
