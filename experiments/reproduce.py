@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from experiments.ablation import AblationError
+    from experiments.tables.ablation import AblationError
     from experiments.tables.report import write_table
 
     failed = False

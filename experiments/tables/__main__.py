@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.ablation import AblationError
+from experiments.tables.ablation import AblationError
 from experiments.tables.report import TABLES, write_table
 
 

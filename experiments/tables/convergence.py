@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablation import Run, csv_number, csv_text, md_table
-from experiments.stats import Summary, summarize
+from experiments.tables.ablation import Run, csv_number, csv_text, md_table
+from experiments.tables.stats import Summary, summarize
 
 __all__ = [
     "GAIN_POINTS",
@@ -121,7 +121,7 @@ def render_csv(rows: Sequence[ConvergenceRow]) -> str:
 
 def plot(cells: Mapping[str, Sequence[Run]], out: Path, sft: float | None) -> list[str]:
     """convergence.png: eval accuracy (%) and eval chosen reward against step per cell."""
-    from experiments.plots import plot_curves
+    from experiments.tables.plots import plot_curves
 
     def rows(run: Run) -> list[dict]:
         acc = {s: 100.0 * v for s, v in curve(run, ACCURACY)}

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
-from experiments.ablation import csv_number as num
-from experiments.stats import PairedGain, Summary, paired_gain, summarize
+from experiments.tables.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
+from experiments.tables.ablation import csv_number as num
 from experiments.tables.select import (
     METRIC,
     cell,
@@ -27,6 +26,7 @@ from experiments.tables.select import (
     sft_accuracy,
     size_of,
 )
+from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
 __all__ = ["PAPER_METHODS", "MethodsRow", "MethodsTable", "build", "render_csv", "render_markdown"]
 
@@ -180,7 +180,7 @@ def render_csv(table: MethodsTable) -> str:
 
 def plot(table: MethodsTable, out: Path) -> list[str]:
     """accuracy.png: one bar per method (mean, std error bar), the SFT accuracy as a line."""
-    from experiments.plots import plot_accuracy
+    from experiments.tables.plots import plot_accuracy
 
     rows = [r for r in table.rows if r.cell.summary.n]
     if not rows:

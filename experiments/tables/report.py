@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
-from experiments.ablation import Run, write_report
 from experiments.tables import convergence, costs, hypothesis, methods, scale
+from experiments.tables.ablation import Run, write_report
 from experiments.tables.select import collect, group, method_of, optimizer_of, sft_accuracy, size_of
 
 __all__ = ["SOURCES", "TABLES", "write_table"]
@@ -112,7 +112,7 @@ def write_scale(sweep_root: Path, out: Path) -> Path:
 
 def write_hypothesis(sweep_root: Path, out: Path) -> Path:
     """hypothesis.md / .csv, rewards and gradient-weight grids per optimizer x loss."""
-    from experiments.plots import plot_gradient_weights, plot_rewards
+    from experiments.tables.plots import plot_gradient_weights, plot_rewards
 
     runs = _runs(sweep_root, "hypothesis")
     table = hypothesis.build(runs)
@@ -149,7 +149,8 @@ def write_hypothesis(sweep_root: Path, out: Path) -> Path:
 
 
 def write_ablation(sweep_root: Path, out: Path) -> Path:
-    """The ablation report (:func:`experiments.ablation.write_report`), plus the convergence and
+    """The ablation report (:func:`experiments.tables.ablation.write_report`), plus the convergence
+    and
     costs of its cells."""
     md = write_report(sweep_root / "ablation", out)
     runs = _runs(sweep_root, "ablation")

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
-from experiments.ablation import csv_number as num
-from experiments.stats import PairedGain, paired_gain
+from experiments.tables.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
+from experiments.tables.ablation import csv_number as num
 from experiments.tables.select import (
     METRIC,
     Size,
@@ -25,6 +24,7 @@ from experiments.tables.select import (
     sft_accuracy,
     size_of,
 )
+from experiments.tables.stats import PairedGain, paired_gain
 
 __all__ = ["PAPER_SCALE", "ScaleRow", "ScaleTable", "build", "render_csv", "render_markdown"]
 
@@ -166,7 +166,7 @@ def render_csv(table: ScaleTable) -> str:
 
 def plot(table: ScaleTable, out: Path) -> list[str]:
     """accuracy.png: DPO and BPO bars per size (mean, std error bars)."""
-    from experiments.plots import plot_accuracy
+    from experiments.tables.plots import plot_accuracy
 
     if not table.rows:
         return []

@@ -1,14 +1,15 @@
 """Picking and grouping runs for the reproduce tables (methods, scale, hypothesis, convergence).
 
-Runs are :class:`experiments.ablation.Run` values from :func:`collect`. The tables pool runs from
-several sweeps, so a cell is defined by what ran, never by which sweep ran it:
+Runs are :class:`experiments.tables.ablation.Run` values from :func:`collect`. The tables pool runs
+from several sweeps, so a cell is defined by what ran, never by which sweep ran it:
 
 - :func:`method_of`: a run's named method; a plain loss x margin run counts as the method whose
   definition it is (``losses.METHODS``: logistic x difference at beta 0.1 is ``dpo``, hinge x
   balanced at alpha 0.3 is ``bpo``), so the ablation's cells fill the methods and scale tables.
 - :func:`size_of`: the tiny model's architecture (hidden size, layers), from the run's config.
 - :func:`optimizer_of`: ``adamw`` or ``sgd``.
-- :func:`cell`: one :class:`experiments.ablation.Cell` of a metric over runs, one run per seed.
+- :func:`cell`: one :class:`experiments.tables.ablation.Cell` of a metric over runs, one run per
+seed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablation import Cell, Run, collect_runs, fill_cell
+from experiments.tables.ablation import Cell, Run, collect_runs, fill_cell
 
 __all__ = [
     "METRIC",

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from engine.data.loading import BadRowError, load_pairs
-from experiments.bench_setup import build_tokenizer
+from experiments.bench.synthetic import build_tokenizer
 
 ROW = {"prompt": "t5 t6", "chosen": " t7", "rejected": " t8"}
 

@@ -1,4 +1,4 @@
-"""Tests for experiments.ablation on a fake Hydra multirun sweep built in tmp_path.
+"""Tests for experiments.tables.ablation on a fake Hydra multirun sweep built in tmp_path.
 
 The fake sweep (nested like Hydra's `<sweep>/<date>/<time>/<job>`) has the six paper losses x
 {difference, balanced@0.3} x seeds {1, 2}, with eval.accuracy (for loss index i, seed s):
@@ -25,9 +25,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import ablation
-from experiments.ablation import AblationError, build_tables, collect_runs, main, write_report
-from experiments.stats import paired_gain, summarize
+from experiments.tables import ablation
+from experiments.tables.ablation import (
+    AblationError,
+    build_tables,
+    collect_runs,
+    main,
+    write_report,
+)
+from experiments.tables.stats import paired_gain, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 LOSSES = ["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"]
@@ -327,12 +333,12 @@ def test_cli_main_and_default_out_dir(sweep: Path, capsys) -> None:
 
 def test_cli_subprocess(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "experiments.ablation", str(sweep), "--out", str(out)]
+    cmd = [sys.executable, "-m", "experiments.tables.ablation", str(sweep), "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert (out / "ablation.csv").is_file() and "| hinge | SLiC |" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "experiments.ablation", str(tmp_path / "none")],
+        [sys.executable, "-m", "experiments.tables.ablation", str(tmp_path / "none")],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2 and "does not exist" in res.stderr

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import bench, bench_setup
-from experiments.bench_report import Measurement, render_report, summarize, targets
-from experiments.bench_setup import EOS_ID, ModelSize, PairSpec
+from experiments.bench import synthetic as bench_setup
+from experiments.bench import throughput as bench
+from experiments.bench.report import Measurement, render_report, summarize, targets
+from experiments.bench.synthetic import EOS_ID, ModelSize, PairSpec
 
 TINY = ModelSize(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, vocab_size=50)
 
@@ -128,7 +129,7 @@ def test_quick_plan_and_overrides():
 
 def test_every_ablation_composes_with_the_engine_config():
     """A renamed switch in conf/trainer/default.yaml must not silently break the bench."""
-    from experiments.bench_worker import compose_ours, ours_overrides
+    from experiments.bench.worker import compose_ours, ours_overrides
 
     spec = {
         "model_dir": "/m",

@@ -1,4 +1,5 @@
-"""The bench's adapter rows (experiments.bench.ADAPTERS): ours with LoRA / QLoRA against TRL with
+"""The bench's adapter rows (experiments.bench.throughput.ADAPTERS): ours with LoRA / QLoRA against
+TRL with
 the same peft ``LoraConfig``. What can be checked without running them: the rows' names and
 configs, the model they share, and the report section. ``python -m experiments.bench --quick``
 runs them for real."""
@@ -12,15 +13,16 @@ from engine.model.adapters import (
     CPU_4BIT_OUT_MULTIPLE,
     validate_adapter_config,
 )
-from experiments import bench, bench_setup
-from experiments.bench_report import (
+from experiments.bench import synthetic as bench_setup
+from experiments.bench import throughput as bench
+from experiments.bench.report import (
     ADAPTER_BASELINES,
     ADAPTER_ROWS,
     Measurement,
     render_report,
     summarize,
 )
-from experiments.bench_worker import compose_ours, ours_overrides
+from experiments.bench.worker import compose_ours, ours_overrides
 
 from .test_bench import TINY, _result
 

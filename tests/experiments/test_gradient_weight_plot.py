@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.plots import plot_gradient_weights
+from experiments.tables.plots import plot_gradient_weights
 
 
 def test_gradient_weight_grid_is_written(tmp_path):

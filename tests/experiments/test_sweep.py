@@ -1,5 +1,6 @@
 """Sweeps end to end, as a user runs them: ``python -m engine.train -m ...`` in a subprocess, then
-``python -m experiments.ablation <sweep dir>``, on the tiny model and a tiny arithmetic pair file.
+``python -m experiments.tables.ablation <sweep dir>``, on the tiny model and a tiny arithmetic pair
+file.
 
 Covers: a 2-cell sweep and its table and plots; a sweep with a crashing job (the other job still
 finishes, the crash leaves failed.json, the collector reports the cell as failed, and the hydra
@@ -81,7 +82,7 @@ def jobs(sweep_dir: Path, *keys: str) -> dict[str, Path]:
 
 def collect(sweep_dir: Path, out: Path, *options: str) -> tuple[str, dict[str, dict[str, str]]]:
     """Run the collector CLI; return ablation.md and the CSV rows by loss."""
-    result = run("-m", "experiments.ablation", str(sweep_dir), "--out", str(out), *options)
+    result = run("-m", "experiments.tables.ablation", str(sweep_dir), "--out", str(out), *options)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "ablation.csv", newline="") as f:
         rows = {row["loss"]: row for row in csv.DictReader(f)}

@@ -4,7 +4,7 @@ the same tiny Llama on the same pairs, in the same order, with the same optimize
 lr, clipping at 1) for five steps in float32, and every step's loss and mean chosen / rejected
 reward agree within 1e-4.
 
-The alignment is the benchmark's (``experiments/bench_setup.py`` and ``bench_worker.py``): one
+The alignment is the benchmark's (``experiments/bench/synthetic.py`` and ``bench_worker.py``): one
 model file both load, text rows that tokenize to the same ids for both, TRL reading the pairs
 sequentially in the engine's own sampling order. Each side runs all its cases in one worker
 process (``bench_worker``'s ``runs`` spec), so the start-up is paid twice, not per method.
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import bench, bench_setup
-from experiments.bench_setup import ModelSize, PairSpec
+from experiments.bench import synthetic as bench_setup
+from experiments.bench import throughput as bench
+from experiments.bench.synthetic import ModelSize, PairSpec
 from losses import METHODS
 
 pytest.importorskip("trl")

@@ -1,4 +1,5 @@
-"""What both sides of ``experiments.bench`` share: the model, the tokenizer, the synthetic pairs,
+"""What both sides of ``experiments.bench.throughput`` share: the model, the tokenizer, the
+synthetic pairs,
 the order they are trained in, and the FLOP accounting.
 
 Everything is built in code from fixed seeds (no download): a word-level tokenizer with a 32k
@@ -167,7 +168,7 @@ def training_order(
 
     from engine.data.batching import step_sampler
 
-    defaults = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/trainer/default.yaml")
+    defaults = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/trainer/default.yaml")
     sampler = step_sampler(tokenized_pairs(pairs), OmegaConf.merge(defaults, trainer), 1, seed)
     return [sampler.indices(step, 0, 0) for step in range(steps)]
 

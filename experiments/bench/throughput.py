@@ -10,7 +10,7 @@ synthetic pairs (fixed seed; prompts 64-256 tokens, responses 16-256), in the sa
 file TRL reads is in the engine's training order and TRL samples it sequentially, so step i is
 the same micro batch on both sides), the same micro batch, precision, AdamW, learning rate,
 gradient clipping, steps and max length. Each measurement is a fresh subprocess
-(``experiments.bench_worker``), so peak RSS is per run; runs alternate (ours, trl-default,
+(``experiments.bench.worker``), so peak RSS is per run; runs alternate (ours, trl-default,
 trl-fast, ours, ...), and the first ``--warmup`` steps of every run are not timed.
 
 Variants:
@@ -51,10 +51,10 @@ from typing import Any
 
 from engine.runtime.distributed import without_launcher_env
 from engine.runtime.fileio import atomic_write_text
-from experiments import bench_setup as setup
-from experiments.bench_report import Measurement, render_report, summarize
+from experiments.bench import synthetic as setup
+from experiments.bench.report import Measurement, render_report, summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 
 
@@ -216,7 +216,7 @@ def trainer_settings(plan: Plan, overrides: Sequence[str]) -> dict[str, Any]:
     """The ``trainer`` group a bench run of engine.train composes (with a variant's overrides)."""
     from omegaconf import OmegaConf
 
-    from experiments.bench_worker import compose_ours
+    from experiments.bench.worker import compose_ours
 
     cfg = compose_ours(
         [
@@ -252,7 +252,7 @@ def run_one(spec: dict[str, Any], workdir: Path, tag: str, timeout: float) -> di
     log_path = workdir / "logs" / f"{tag}.log"
     with log_path.open("w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "experiments.bench_worker", str(spec_path), str(result_path)],
+            [sys.executable, "-m", "experiments.bench.worker", str(spec_path), str(result_path)],
             cwd=REPO,
             env=_worker_env(),
             stdout=log,

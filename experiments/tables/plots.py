@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from engine.runtime.fileio import atomic_open
-from experiments.stats import Summary
+from experiments.tables.stats import Summary
 
 __all__ = [
     "mean_curve",
@@ -265,7 +265,8 @@ def plot_curves(
 
 @dataclass(frozen=True)
 class PlotData:
-    """What the report's plots show, as plain data (``experiments.ablation.plot_data`` builds it
+    """What the report's plots show, as plain data (``experiments.tables.ablation.plot_data`` builds
+    it
     from a sweep's tables).
 
     Attributes:

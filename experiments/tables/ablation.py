@@ -2,7 +2,8 @@
 
     python -m engine.train -m loss=logistic,hinge,squared,exponential,truncated_quadratic,savage \\
         margin=difference,balanced seed=1,2,3
-    python -m experiments.ablation multirun/<date>/<time> [--out DIR] [--metric eval.accuracy]
+    python -m experiments.tables.ablation multirun/<date>/<time> [--out DIR] [--metric
+    eval.accuracy]
         [--alpha 0.3] [--beta 0.1]
 
 Writes to `--out` (default `<sweep_dir>/ablation/`): `ablation.md`, `ablation.csv`, `rewards.png`,
@@ -35,10 +36,10 @@ from typing import TYPE_CHECKING
 
 from engine.metrics import read_metrics
 from engine.runtime.fileio import atomic_write_text
-from experiments.stats import PairedGain, Summary, paired_gain, summarize
+from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
 if TYPE_CHECKING:
-    from experiments.plots import PlotData
+    from experiments.tables.plots import PlotData
 
 __all__ = [
     "AblationError",
@@ -614,7 +615,7 @@ def render_csv(tables: Tables) -> str:
 
 def plot_data(tables: Tables) -> PlotData:
     """The plots' data for the main table's cells: difference, and balanced at `tables.alpha`."""
-    from experiments.plots import PlotData
+    from experiments.tables.plots import PlotData
 
     alpha = tables.alpha
     columns = ["difference", f"balanced (alpha={alpha:g})" if alpha is not None else "balanced"]
@@ -662,7 +663,7 @@ def write_report(
     tables = build_tables(collect_runs(sweep), metric=metric, alpha=alpha, beta=beta)
     out = Path(out_dir) if out_dir is not None else sweep / "ablation"
     out.mkdir(parents=True, exist_ok=True)
-    from experiments.plots import write_plots  # matplotlib is imported only when plotting
+    from experiments.tables.plots import write_plots  # matplotlib is imported only when plotting
 
     written = write_plots(plot_data(tables), out)
     atomic_write_text(out / "ablation.csv", render_csv(tables))
@@ -674,7 +675,7 @@ def write_report(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on a clear user error)."""
     p = argparse.ArgumentParser(
-        prog="python -m experiments.ablation", description=__doc__.split("\n")[0]
+        prog="python -m experiments.tables.ablation", description=__doc__.split("\n")[0]
     )
     p.add_argument("sweep_dir", help="Hydra multirun sweep directory")
     p.add_argument("--out", default=None, help="output directory (default: <sweep_dir>/ablation)")

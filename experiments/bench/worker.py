@@ -1,6 +1,7 @@
-"""One measurement of ``experiments.bench``, in its own process (so its peak RSS is its own):
+"""One measurement of ``experiments.bench.throughput``, in its own process (so its peak RSS is its
+own):
 
-    python -m experiments.bench_worker SPEC.json RESULT.json
+    python -m experiments.bench.worker SPEC.json RESULT.json
 
 ``SPEC.json`` names the trainer (``ours``: ``engine.train.train`` on a composed Hydra config, the
 real loop on DeepSpeed; ``trl``: ``trl.DPOTrainer.train``), the model directory, the train file,
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _peak_memory_mb() -> dict[str, float]:

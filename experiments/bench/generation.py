@@ -1,12 +1,12 @@
 """Generation speed: batched Hugging Face ``generate`` (``engine.generation.backends.HFBackend``,
 left padding, KV cache) against one prompt at a time, in generated tokens per second.
 
-    python -m experiments.bench_generation            # -> experiments/results/bench_generation.md
-    python -m experiments.bench_generation --quick    # a smoke run, report to the temp dir
+    python -m experiments.bench.generation            # -> experiments/results/bench_generation.md
+    python -m experiments.bench.generation --quick    # a smoke run, report to the temp dir
 
-The model is the training bench's randomly initialized Llama (``experiments.bench_setup``: hidden
-256, 4 layers, 32k vocabulary, word-level tokenizer), prompts are synthetic (32-128 tokens). With
-random weights EOS is practically never the argmax, so every completion runs to
+The model is the training bench's randomly initialized Llama (``experiments.bench.synthetic``:
+hidden 256, 4 layers, 32k vocabulary, word-level tokenizer), prompts are synthetic (32-128 tokens).
+With random weights EOS is practically never the argmax, so every completion runs to
 ``--new-tokens`` and both modes generate the same number of tokens; greedy decoding, so both give
 the same completions (checked). Modes alternate within each repeat; the report gives the median
 tokens/s of each and the speed-up.
@@ -27,7 +27,13 @@ import torch
 
 from engine.generation.backends import HFBackend
 from engine.runtime.fileio import atomic_write_text
-from experiments.bench_setup import SIZES, PairSpec, build_model_dir, pair_texts, synthetic_pairs
+from experiments.bench.synthetic import (
+    SIZES,
+    PairSpec,
+    build_model_dir,
+    pair_texts,
+    synthetic_pairs,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
         rates["one at a time"].append(rate_s)
     median = {mode: statistics.median(values) for mode, values in rates.items()}
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    command = "python -m experiments.bench_generation " + " ".join(argv or sys.argv[1:])
+    command = "python -m experiments.bench.generation " + " ".join(argv or sys.argv[1:])
     lines = [
         "# Generation speed: batched vs one prompt at a time",
         "",

@@ -1,9 +1,9 @@
-"""What the gradient-weight diagnostics cost: ``python -m experiments.diagnostics_cost``.
+"""What the gradient-weight diagnostics cost: ``python -m experiments.bench.diagnostics_cost``.
 
 Trains with ``engine.train.train`` on the benchmark's synthetic pairs and randomly initialised
-Llama (``experiments/bench_setup.py``; no download) with ``trainer.log_every=1``, so every step is a
-logged step and pays for the diagnostics (the worst case; the default logs every 10th step). The
-time spent in :class:`engine.gradient_weights.GradientDiagnostics` (computing the weights and
+Llama (``experiments/bench/synthetic.py``; no download) with ``trainer.log_every=1``, so every step
+is a logged step and pays for the diagnostics (the worst case; the default logs every 10th step).
+The time spent in :class:`engine.gradient_weights.GradientDiagnostics` (computing the weights and
 writing the TensorBoard histograms) is divided by the loop's total step time, read back from
 ``metrics.jsonl``. Prints one line per model size.
 """
@@ -14,8 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from experiments import bench_setup
-from experiments.bench_setup import ModelSize, PairSpec
+from experiments.bench import synthetic as bench_setup
+from experiments.bench.synthetic import ModelSize, PairSpec
 
 SIZES = {
     "tiny": ModelSize(
@@ -29,7 +29,7 @@ def measure(size_name: str, steps: int, micro_batch: int, workdir: Path) -> dict
     """Train ``steps`` steps; return the diagnostics' seconds, the steps' seconds and the ratio."""
     import engine.train as train_module
     from engine.metrics import read_metrics
-    from experiments.bench_worker import compose_ours, ours_overrides
+    from experiments.bench.worker import compose_ours, ours_overrides
 
     size = SIZES[size_name]
     model_dir = bench_setup.build_model_dir(workdir / "model", size, max_positions=256)

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiments.bench_setup import ModelSize, pair_flops
+from experiments.bench.synthetic import ModelSize, pair_flops
 
 BASELINES = ("trl-default", "trl-fast")
-#: the adapter rows (experiments.bench.ADAPTERS, on their own model) and, for ours, the TRL row
-#: with the same peft LoraConfig (and base quantization) it is compared with
+#: the adapter rows (experiments.bench.throughput.ADAPTERS, on their own model) and, for ours, the
+#: TRL row with the same peft LoraConfig (and base quantization) it is compared with
 ADAPTER_ROWS = ("ours full", "ours lora", "trl lora", "ours qlora", "trl qlora")
 ADAPTER_BASELINES = {"ours lora": "trl lora", "ours qlora": "trl qlora"}
 
