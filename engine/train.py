@@ -292,7 +292,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return train(cfg)
     except (
         Preempted
-    ) as stop:  # checkpoint complete: exit for a requeue (ds_engine/runtime/preemption.py)
+    ) as stop:  # checkpoint complete: exit for a requeue (engine/runtime/preemption.py)
         exit_preempted(stop, requeue=cfg.trainer.get("resume") == "auto")
     except Exception as error:
         if dist_utils.is_main():
