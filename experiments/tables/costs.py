@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from experiments.tables.ablation import Run, csv_text, md_table
+from experiments.tables.collect import Run
+from experiments.tables.formatting import csv_text, md_table
 
 __all__ = ["PHASES", "render_csv", "render_markdown", "totals"]
 

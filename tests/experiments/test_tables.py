@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from experiments.tables import convergence, costs, hypothesis, methods, plan, scale
+from experiments.tables.__main__ import main
+from experiments.tables.collect import Sweeps, TableError, collect
 from experiments.tables.report import write_table
-from experiments.tables.select import collect, method_of, size_of
+from experiments.tables.select import method_of, size_of
 
 DPO = {0: 0.40, 1: 0.42, 2: 0.44}
 BPO = {0: 0.50, 1: 0.51, 2: 0.52}
@@ -283,3 +285,32 @@ def test_plan_runs_each_cell_once():
 def test_size_of_reads_the_tiny_architecture(root):
     runs = collect([root / "scale"])
     assert {size_of(r).label for r in runs} == {"hidden 64, 3 layers"}
+
+
+def test_a_sweep_root_and_one_sweep_are_told_apart(root, tmp_path):
+    """make reproduce's root reads the table's folders; one of its folders, or a sweep of one's
+    own, is one sweep whose every run counts."""
+    found = Sweeps.find(root)
+    assert found.is_root and found.dirs("methods") == [root / "ablation", root / "methods"]
+    # ablation/ holds ablation/, ablation_control/ and ablation_alpha/: one sweep, not a root
+    inner = Sweeps.find(root / "ablation")
+    assert not inner.is_root and inner.dirs("ablation") == [root / "ablation"]
+    assert len(inner.runs("ablation")) == 18  # the three sweeps' 6 runs per seed
+    assert not Sweeps.find(root / "methods").is_root
+    with pytest.raises(TableError, match="does not exist"):
+        Sweeps.find(tmp_path / "nope")
+
+
+def test_one_command_writes_every_table_from_a_root_or_one_sweep(root, tmp_path, capsys):
+    for name in ("ablation", "methods", "scale", "hypothesis"):
+        assert main([name, str(root), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name / f"{name}.md").is_file()
+        assert f"reading {root}: a sweep root" in capsys.readouterr().err
+    # the methods sweep alone: its runs only (no dpo from the ablation), default out inside it
+    assert main(["methods", str(root / "methods")]) == 0
+    md = (root / "methods" / "methods-report" / "methods.md").read_text()
+    assert "| ipo |" in md and "| dpo | logistic x difference | 41.0 | 99.0 (n=1) |" in md
+    # the ablation's options belong to the ablation
+    with pytest.raises(SystemExit) as error:
+        main(["methods", str(root), "--metric", "eval.accuracy"])
+    assert error.value.code == 2
