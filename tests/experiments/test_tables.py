@@ -230,6 +230,17 @@ def test_costs_sum_each_phase_over_runs(root):
     assert "| **share** |  | 16% | 8% | 48% | 24% | 4% |" in md
 
 
+def test_costs_count_the_diagnostics_as_training(tmp_path):
+    """results.json books the gradient-weight diagnostics apart (``diagnostics_s``); the cost
+    table's ``train`` is the steps' whole time, so they are added back."""
+    run_dir = fake_run(tmp_path / "run", seed=0, accuracy=0.5)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["timings"] = {**TIMINGS, "train_s": 5.75, "diagnostics_s": 0.25}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    sums, n = costs.totals(collect([run_dir]))
+    assert n == 1 and sums["train"] == pytest.approx(6.0) and sums["eval"] == 3.0
+
+
 def test_hypothesis_compares_the_optimizers_cells(root):
     table = hypothesis.build(collect([root / "ablation", root / "hypothesis"]))
     cells = {(c.optimizer, c.loss): c for c in table.cells}
