@@ -12,6 +12,7 @@ Markdown file's path. Only the ablation takes options (metric, alpha, beta:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -153,6 +154,8 @@ def write_ablation(
     (sweep_dir,) = sweeps.dirs("ablation")
     md = write_report(sweep_dir, out, metric=metric, alpha=alpha, beta=beta)
     runs = sweeps.runs("ablation")
+    if beta is not None:  # the sections cover the runs the table shows
+        runs = [r for r in runs if r.beta is not None and math.isclose(r.beta, beta)]
     cells: dict[str, list[Run]] = {}
     for r in runs:
         if r.method is not None:

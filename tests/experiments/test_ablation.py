@@ -59,6 +59,7 @@ class Sweep:
         status: str = "finished",
         eval_metrics: dict | None = None,
         metrics_tail: str = "",
+        beta: float = 0.1,
     ) -> Path:
         d = self.root / "2025-01-01" / "12-00-00" / str(self.n)
         self.n += 1
@@ -66,7 +67,7 @@ class Sweep:
         cfg = {
             "loss": {"name": loss},
             "margin": {"name": margin, "alpha": alpha},
-            "beta": 0.1,
+            "beta": beta,
             "seed": seed,
             "method": {"name": method},
             "trainer": {"max_steps": 50, "out": "${hydra:runtime.output_dir}"},
@@ -95,7 +96,7 @@ class Sweep:
             "loss": loss,
             "margin": margin,
             "method": method,
-            "beta": 0.1,
+            "beta": beta,
             "alpha": alpha,
             "seed": seed,
             "steps": 50,
@@ -334,11 +335,22 @@ def test_cli_main_and_default_out_dir(sweep: Path, capsys) -> None:
 
 
 def test_beta_option_keeps_only_its_runs(sweep: Path, tmp_path: Path) -> None:
+    """A hinge x difference run at beta 0.2 joins the two at 0.1: --beta 0.1 leaves it out of the
+    table and of the convergence section alike."""
+    Sweep(sweep, first_job=100).job("hinge", "difference", 3, beta=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        assert main(["ablation", str(sweep), "--out", str(tmp_path / "all")]) == 0
         assert main(["ablation", str(sweep), "--beta", "0.1", "--out", str(tmp_path / "b")]) == 0
-        assert main(["ablation", str(sweep), "--beta", "0.2", "--out", str(tmp_path / "c")]) == 2
-    assert "beta = 0.1" in (tmp_path / "b" / "ablation.md").read_text()
+        assert main(["ablation", str(sweep), "--beta", "0.3", "--out", str(tmp_path / "c")]) == 2
+    pooled = (tmp_path / "all" / "ablation.md").read_text()
+    assert (
+        "several beta values are pooled" in pooled
+        and "| hinge / difference | never | 0/3 |" in pooled
+    )
+    md = (tmp_path / "b" / "ablation.md").read_text()
+    assert "beta = 0.1" in md and "| hinge / difference | never | 0/2 |" in md
+    assert "| hinge | SLiC | 42.0 ± 1.4 (n=2) |" in md
 
 
 def test_cli_subprocess(sweep: Path, tmp_path: Path) -> None:
