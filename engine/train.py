@@ -127,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_loop(parts, state)
     clock.lap("train")
     clock.move(state.eval_seconds, "train", "eval")
+    clock.move(parts.diagnostics.seconds, "train", "diagnostics")  # of the logged steps
     # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge)
     if cfg.trainer.export:
         _export(cfg, ds_engine, model, data, run_dir)
@@ -217,8 +218,9 @@ def _results(
     timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``results.json``: the objective, the run's size and time (and its split by phase,
-    ``timings``: startup, reference, train, eval, export seconds), the last logged train and eval
-    means, how the data loaded, and the data source's own sections (the task's ``sft``)."""
+    ``timings``: startup, reference, train, eval, diagnostics, export seconds), the last logged
+    train and eval means, how the data loaded, and the data source's own sections (the task's
+    ``sft``)."""
     results: dict[str, Any] = {
         "loss": cfg.loss.name,
         "margin": cfg.margin.name,

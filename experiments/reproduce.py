@@ -37,12 +37,16 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.runtime.fileio import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from experiments.tables.plan import PlannedSweep
 
 PACKAGES = ("torch", "deepspeed", "transformers", "hydra-core", "numpy", "matplotlib")
 
@@ -168,9 +172,9 @@ def _run(cmd: list[str], dry_run: bool) -> tuple[int, float]:
     return status, round(time.time() - t0, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the tables' sweeps and write their reports; returns the exit status."""
-    from experiments.tables.plan import TABLE_SWEEPS, plan, task_models
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked: jobs, known tables, and a sweep root that holds no runs yet."""
+    from experiments.tables.plan import TABLE_SWEEPS
 
     parser = argparse.ArgumentParser(
         prog="python -m experiments.reproduce", description=__doc__.split("\n")[0]
@@ -192,95 +196,132 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    tables = [t for t in args.table.split(",") if t]
-    unknown = sorted(set(tables) - set(TABLE_SWEEPS))
-    if unknown or not tables:
+    args.tables = [t for t in args.table.split(",") if t]
+    unknown = sorted(set(args.tables) - set(TABLE_SWEEPS))
+    if unknown or not args.tables:
         parser.error(f"--table: unknown tables {unknown}; known: {', '.join(TABLE_SWEEPS)}")
-    threads = max(1, cores // args.jobs)
-    root = Path(args.sweep_root)
-    if not args.dry_run and root.exists() and any(root.iterdir()):
+    args.threads = max(1, cores // args.jobs)
+    args.root = Path(args.sweep_root)
+    if not args.dry_run and args.root.exists() and any(args.root.iterdir()):
         parser.error(
-            f"--sweep-root {root} is not empty: move it away or pick another (runs are never "
+            f"--sweep-root {args.root} is not empty: move it away or pick another (runs are never "
             "overwritten)"
         )
-    planned, notes = plan(tables)
-    for note in notes:
-        print(f"[plan] {note}", flush=True)
-    seeds = len(args.seeds.split(","))
-    for p in planned:
-        print(
-            f"[plan] {p.name}: {p.cells // len(p.grid.get('seed', [''])) * seeds} runs", flush=True
-        )
+    return args
 
-    started = time.time()
-    revision = git_revision()  # before the runs: the code they ran
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    commands: list[str] = []
-    statuses: dict[str, int] = {}
-    timings: dict[str, float] = {}
-    # the task's SFT model and pairs per model size first, one process each: jobs only read them
+
+@dataclass
+class SweepLog:
+    """What ran: the code's revision, when, and each step's command line, exit status and wall
+    seconds (by step name), for the tables' provenance."""
+
+    revision: str | None = field(default_factory=git_revision)  # taken before the runs
+    date: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+    started: float = field(default_factory=time.time)
+    commands: list[str] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, cmd: list[str], dry_run: bool) -> int:
+        """Run ``cmd`` as step ``name`` (see :func:`_run`) and record it; its exit status."""
+        self.commands.append(shlex.join(cmd))
+        self.statuses[name], self.timings[f"{name}_s"] = _run(cmd, dry_run)
+        return self.statuses[name]
+
+
+def _run_sweeps(args: argparse.Namespace, planned: list[PlannedSweep]) -> SweepLog | None:
+    """The task's SFT model and pairs per model size, one process each (so the jobs only read
+    them), then every planned sweep. None when a task build failed (no sweep runs then)."""
+    from experiments.tables.plan import task_models
+
+    ran = SweepLog()
     for model in task_models(planned):
         warm = [sys.executable, "-m", "experiments.prepare_task", f"model={model}"]
-        warm += task_overrides(args.overrides)
-        commands.append(shlex.join(warm))
-        statuses[f"prepare_task {model}"], timings[f"prepare_task {model}_s"] = _run(
-            warm, args.dry_run
-        )
-        if statuses[f"prepare_task {model}"] != 0:
+        if ran.run(f"prepare_task {model}", warm + task_overrides(args.overrides), args.dry_run):
             print(
                 f"error: building the task for model={model} failed; no sweep run", file=sys.stderr
             )
-            return 1
+            return None
     for p in planned:
         cmd = sweep_command(
             p.sweep.preset,
-            root / p.sweep.directory,
+            args.root / p.sweep.directory,
             args.jobs,
-            threads,
+            args.threads,
             args.seeds,
             [*p.overrides, *args.overrides],
         )
-        commands.append(shlex.join(cmd))
-        statuses[p.name], timings[f"{p.name}_s"] = _run(cmd, args.dry_run)
-        if statuses[p.name] != 0:
-            print(f"warning: sweep {p.name} exited with {statuses[p.name]}", file=sys.stderr)
-    if args.dry_run:
-        return 0
+        if status := ran.run(p.name, cmd, args.dry_run):
+            print(f"warning: sweep {p.name} exited with {status}", file=sys.stderr)
+    return ran
 
-    from experiments.tables.ablation import AblationError
+
+def _write_tables(
+    args: argparse.Namespace, argv: list[str] | None, ran: SweepLog, notes: list[str]
+) -> bool:
+    """Each table's report, with its provenance (``provenance.json`` and a Markdown section);
+    False when a table could not be written."""
+    from experiments.tables.collect import Sweeps, TableError
+    from experiments.tables.plan import TABLE_SWEEPS
     from experiments.tables.report import write_table
 
-    failed = False
-    for table in tables:
+    ok = True
+    for table in args.tables:
         out = Path(args.out) / table
         try:
-            md = write_table(table, root, out)
-        except AblationError as error:
+            md = write_table(table, Sweeps(args.root, is_root=True), out)
+        except TableError as error:
             print(f"error: table {table}: {error}", file=sys.stderr)
-            failed = True
+            ok = False
             continue
-        own = {s for s in TABLE_SWEEPS[table]}
+        own = set(TABLE_SWEEPS[table])
         provenance = {
             "command": "python -m experiments.reproduce " + shlex.join(argv or sys.argv[1:]),
             "table": table,
-            "sweep_commands": commands,
-            "exit_statuses": statuses,
+            "sweep_commands": ran.commands,
+            "exit_statuses": ran.statuses,
             "plan_notes": notes,
-            "git_revision": revision,
+            "git_revision": ran.revision,
             "jobs": args.jobs,
-            "threads_per_job": threads,
-            "date_utc": date,
+            "threads_per_job": args.threads,
+            "date_utc": ran.date,
             "timings": {
-                k: v for k, v in timings.items() if k.startswith("prepare_task") or k[:-2] in own
+                k: v
+                for k, v in ran.timings.items()
+                if k.startswith("prepare_task") or k[:-2] in own
             }
-            | {"total_s": round(time.time() - started, 1)},
+            | {"total_s": round(time.time() - ran.started, 1)},
             "machine": machine_info(),
         }
         atomic_write_json(out / "provenance.json", provenance, sort_keys=False)
         atomic_write_text(md, md.read_text(encoding="utf-8") + _provenance_markdown(provenance))
         print(f"wrote {out}", file=sys.stderr)
-    print(f"done in {time.time() - started:.0f} s", file=sys.stderr)
-    return 0 if not failed and all(s == 0 for s in statuses.values()) else 1
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tables' sweeps and write their reports; returns the exit status."""
+    from experiments.tables.plan import plan
+
+    args = _parse_args(argv)
+    planned, notes = plan(args.tables)
+    for note in notes:
+        print(f"[plan] {note}", flush=True)
+    seeds = len(args.seeds.split(","))
+    for p in planned:
+        runs = p.cells // len(p.grid.get("seed", [""])) * seeds
+        print(f"[plan] {p.name}: {runs} runs", flush=True)
+
+    ran = _run_sweeps(args, planned)
+    if ran is None:
+        return 1
+    if args.dry_run:
+        return 0
+    ok = _write_tables(args, argv, ran, notes)
+    print(f"done in {time.time() - ran.started:.0f} s", file=sys.stderr)
+    return 0 if ok and all(s == 0 for s in ran.statuses.values()) else 1
 
 
 if __name__ == "__main__":

@@ -301,40 +301,11 @@ class SequenceLogProbs(nn.Module):
             ``"weighting_logps"`` (S,) mean over the response of log p - log sum_v p(v)^2,
             ``"tail_logps"`` (S,) summed log-probs past the pair's shorter response.
         """
-        body = self.model.base_model
-        # no KV cache: training needs none, and with one transformers ignores packed position ids
-        kwargs: dict = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "use_cache": False,
-        }
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        if attention_blocks is not None:
-            from engine.data.packing import ensure_block_attention
-
-            ensure_block_attention(self.model)
-            kwargs["attention_blocks"] = attention_blocks
-        elif (
-            attention_mask is not None
-            and attention_mask.dim() == 4
-            and attention_mask.dtype == torch.bool
-            and self.model.config._attn_implementation == "eager"
-        ):  # eager attention adds its mask: make it additive
-            kwargs["attention_mask"] = torch.zeros(
-                attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device
-            ).masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
-        hidden = body(**kwargs).last_hidden_state  # (N, T, H)
+        hidden = self._hidden_states(input_ids, attention_mask, position_ids, attention_blocks)
         if response_mask is not None:  # plain layout: rows are sequences
-            # the hidden state at t predicts token t + 1: keep positions whose next token is scored
-            scored = response_mask[:, 1:].bool()
-            width = input_ids.shape[1]
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            row_of_token = rows.unsqueeze(1).expand_as(scored)[scored]
-            cols = torch.arange(width - 1, device=input_ids.device).expand_as(scored)[scored]
-            score_positions = row_of_token * width + cols
-            score_targets = input_ids[:, 1:][scored]
-            score_sequences = row_of_token
+            score_positions, score_targets, score_sequences = _plain_scored(
+                input_ids, response_mask
+            )
             num_sequences = input_ids.shape[0]
         if score_positions is None or score_targets is None or score_sequences is None:
             raise ValueError(
@@ -370,6 +341,54 @@ class SequenceLogProbs(nn.Module):
         if self.tails:
             extras["tail_logps"] = tail_logps(logps, score_sequences, score_positions, counts)
         return sums, counts, extras
+
+    def _hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_blocks: tuple | None,
+    ) -> torch.Tensor:
+        """The body's last hidden states (N, T, H), attending as the layout says: segment-wise
+        over ``attention_blocks``, or through ``attention_mask`` (a boolean 4-D mask made
+        additive for eager attention)."""
+        # no KV cache: training needs none, and with one transformers ignores packed position ids
+        kwargs: dict = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if attention_blocks is not None:
+            from engine.data.packing import ensure_block_attention
+
+            ensure_block_attention(self.model)
+            kwargs["attention_blocks"] = attention_blocks
+        elif (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and attention_mask.dtype == torch.bool
+            and self.model.config._attn_implementation == "eager"
+        ):  # eager attention adds its mask: make it additive
+            kwargs["attention_mask"] = torch.zeros(
+                attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device
+            ).masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
+        return self.model.base_model(**kwargs).last_hidden_state
+
+
+def _plain_scored(
+    input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain layout's scored tokens (one sequence per row): the flat index of the hidden
+    state predicting each, the token, and its row."""
+    # the hidden state at t predicts token t + 1: keep positions whose next token is scored
+    scored = response_mask[:, 1:].bool()
+    width = input_ids.shape[1]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    row_of_token = rows.unsqueeze(1).expand_as(scored)[scored]
+    cols = torch.arange(width - 1, device=input_ids.device).expand_as(scored)[scored]
+    return row_of_token * width + cols, input_ids[:, 1:][scored], row_of_token
 
 
 def reference_token_logps(

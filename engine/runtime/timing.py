@@ -1,8 +1,12 @@
-"""Where a run's wall time goes: startup, reference pass, training, evaluation, export.
+"""Where a run's wall time goes: startup, reference pass, training, evaluation, the gradient-weight
+diagnostics, export.
 
 :class:`PhaseClock` is the one stopwatch ``engine.train.train`` keeps; each ``lap(phase)`` books
-the time since the previous lap to ``phase``. ``results.json``'s ``timings`` is its ``seconds()``
-(``experiments.tables.costs`` reads it), so a sweep's report shows which part of a run is slow.
+the time since the previous lap to ``phase``, and ``move`` rebooks what was timed inside a lap
+(the evaluations and the diagnostics inside the loop's). ``results.json``'s ``timings`` is its
+``seconds()``: the phases add up to the run's time in ``train()``. ``experiments.tables.costs``
+reads it, so a sweep's report shows which part of a run is slow, and the benchmarks read their
+phases from it (``experiments.bench``).
 """
 
 from __future__ import annotations
@@ -36,5 +40,6 @@ class PhaseClock:
         self._seconds[target] = self._seconds.get(target, 0.0) + taken
 
     def seconds(self) -> dict[str, float]:
-        """``{"<phase>_s": seconds}`` in the order the phases first lapped, rounded to 1 ms."""
-        return {f"{k}_s": round(v, 3) for k, v in self._seconds.items()}
+        """``{"<phase>_s": seconds}`` in the order the phases first lapped, rounded to 1 us (the
+        diagnostics take milliseconds)."""
+        return {f"{k}_s": round(v, 6) for k, v in self._seconds.items()}

@@ -4,8 +4,8 @@ Trains with ``engine.train.train`` on the benchmark's synthetic pairs and random
 Llama (``experiments/bench/synthetic.py``; no download) with ``trainer.log_every=1``, so every step
 is a logged step and pays for the diagnostics (the worst case; the default logs every 10th step).
 The time spent in :class:`engine.gradient_weights.GradientDiagnostics` (computing the weights and
-writing the TensorBoard histograms) is divided by the loop's total step time, read back from
-``metrics.jsonl``. Prints one line per model size.
+writing the TensorBoard histograms; ``results.json``'s ``timings.diagnostics_s``) is divided by the
+loop's total step time, read back from ``metrics.jsonl``. Prints one line per model size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from experiments.bench import synthetic as bench_setup
 from experiments.bench.synthetic import ModelSize, PairSpec
+from experiments.bench.variants import Plan, Variant
 
 SIZES = {
     "tiny": ModelSize(
@@ -23,44 +24,32 @@ SIZES = {
     ),
     "small": bench_setup.SIZES["small"],
 }
+#: ours as the bench runs it (every step logged), with the TensorBoard histograms written too
+LOGGED = Variant("ours, histograms", "ours", ("trainer.tensorboard=true",))
 
 
 def measure(size_name: str, steps: int, micro_batch: int, workdir: Path) -> dict[str, float]:
-    """Train ``steps`` steps; return the diagnostics' seconds, the steps' seconds and the ratio."""
-    import engine.train as train_module
+    """Train ``steps`` steps; return the diagnostics' seconds (``results.json`` ``timings``:
+    ``diagnostics_s``), the steps' seconds (``metrics.jsonl``) and the ratio."""
     from engine.metrics import read_metrics
+    from engine.train import train
     from experiments.bench.worker import compose_ours, ours_overrides
 
     size = SIZES[size_name]
-    model_dir = bench_setup.build_model_dir(workdir / "model", size, max_positions=256)
+    plan = Plan(micro_batch=micro_batch, warmup=0, steps=steps, max_length=256)
+    model_dir = bench_setup.build_model_dir(workdir / "model", size, max_positions=plan.max_length)
     pairs = bench_setup.synthetic_pairs(
-        steps * micro_batch, PairSpec(prompt=(32, 96), response=(16, 96)), size.vocab_size
+        plan.num_pairs, PairSpec(prompt=(32, 96), response=(16, 96)), size.vocab_size
     )
     train_file = bench_setup.write_pairs(workdir / "train.jsonl", pairs)
-    spec = {
-        "model_dir": str(model_dir), "dtype": "float32", "max_length": 256, "beta": 0.1,
-        "seed": 0, "steps": steps, "micro_batch": micro_batch, "lr": 1e-5,
-        "train_file": str(train_file), "run_dir": str(workdir / "run"),
-        "overrides": ["trainer.tensorboard=true"],
-    }  # fmt: skip
-    seen = {}
-    run_loop = train_module.run_loop
-
-    def timed_run_loop(parts, state):  # calls through, then reads the diagnostics' clock
-        run_loop(parts, state)
-        seen["seconds"] = parts.diagnostics.seconds
-
-    train_module.run_loop = timed_run_loop
-    try:
-        train_module.train(compose_ours(ours_overrides(spec)))
-    finally:
-        train_module.run_loop = run_loop
+    spec = plan.run_spec(LOGGED, model_dir, train_file, workdir / "run")
+    diagnostics = train(compose_ours(ours_overrides(spec)))["timings"]["diagnostics_s"]
     rows = [r for r in read_metrics(workdir / "run" / "metrics.jsonl") if "train/loss" in r]
     step_seconds = sum(micro_batch / r["train/pairs_per_second"] for r in rows)
     return {
-        "diagnostics_seconds": seen["seconds"],
+        "diagnostics_seconds": diagnostics,
         "step_seconds": step_seconds,
-        "fraction": seen["seconds"] / step_seconds,
+        "fraction": diagnostics / step_seconds,
     }
 
 

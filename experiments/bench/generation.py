@@ -35,7 +35,7 @@ from experiments.bench.synthetic import (
     synthetic_pairs,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # experiments/results
 
 
 def _measure(backend: HFBackend, prompts: list[str], new_tokens: int) -> tuple[float, list[str]]:

@@ -225,22 +225,44 @@ SWITCHES = (
 
 
 def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
-    """The markdown of ``experiments/results/bench.md``."""
-    plan, size, machine = context["plan"], context["size"], context["machine"]
-    memory = "GPU" if machine.get("gpu") else "RSS"
+    """The markdown of ``experiments/results/bench.md``: the setup, ours vs TRL, the speed
+    switches, the adapter rows (each section when its rows ran) and how to read the numbers."""
+    memory = "GPU" if context["machine"].get("gpu") else "RSS"
     main_names = ("ours", *BASELINES)
-    main_rows = [r for r in rows if r.variant in main_names]
+    switch_rows = [r for r in rows if r.variant not in (*main_names, *ADAPTER_ROWS)]
     adapter_rows = [r for r in rows if r.variant in ADAPTER_ROWS]
-    ablation_rows = [r for r in rows if r.variant not in (*main_names, *ADAPTER_ROWS)]
-    params = size.body_params() + size.head_params()
-    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
-    lines = [
-        "# Benchmark: this engine vs TRL's DPOTrainer",
-        "",
-    ]
+    lines = ["# Benchmark: this engine vs TRL's DPOTrainer", ""]
     if context.get("quick"):
         lines += ["**`--quick` smoke run: too few steps for numbers to mean anything.**", ""]
     lines += [
+        *_setup(context),
+        "",
+        "## Ours vs TRL (medians over runs)",
+        "",
+        *_table([r for r in rows if r.variant in main_names], memory),
+        "",
+        "Targets (ours, medians):",
+        *targets(rows),
+        "",
+    ]
+    if switch_rows:
+        lines += _switches_section([r for r in rows if r.variant == "ours"] + switch_rows, memory)
+    if adapter_rows:
+        lines += _adapters_section(
+            adapter_rows, context.get("adapter_size") or context["size"], memory
+        )
+    lines += _how_to_read(memory, context.get("trl_state", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _setup(context: dict[str, Any]) -> list[str]:
+    """The bullet list of what was measured where: command, machine, versions, model, data,
+    training and the matmul peak."""
+    plan, size, machine = context["plan"], context["size"], context["machine"]
+    params = size.body_params() + size.head_params()
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    peaks = context.get("peak_samples", [context["peak_gflops"]])
+    return [
         f"- Command: `{context['command'].strip()}` ({_make_equivalent(context['command'])}), "
         f"{context['date']}, "
         f"{context['minutes']:.1f} min.",
@@ -264,52 +286,53 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
         + (f"; {plan.ablation_runs} run(s) per ablation." if plan.ablations else "."),
         f"- Dense float32 matmul peak measured here: {context['peak_gflops']:.0f} GFLOP/s "
         "(4096^3, torch threads as above; the better of the readings before and after the runs: "
-        + ", ".join(f"{x:.0f}" for x in context.get("peak_samples", [context["peak_gflops"]]))
+        + ", ".join(f"{x:.0f}" for x in peaks)
         + ").",
+    ]
+
+
+def _switches_section(rows: Sequence[Row], memory: str) -> list[str]:
+    """``ours`` beside each speed-switch row, compared by work per second."""
+    return [
+        "## Speed switches: `ours` with one switch flipped",
         "",
-        "## Ours vs TRL (medians over runs)",
+        "Each row flips the named switch(es) (`trainer.*`: `conf/trainer/default.yaml`) "
+        "from the shipped default. `x ours (MFU)` compares work per second (nominal FLOPs/s, "
+        "see MFU below) with the `ours` row: length grouping reorders the pairs, so its timed "
+        "steps hold other pairs than the `ours` run's and pairs/s alone would mislead.",
         "",
-        *_table(main_rows, memory),
+        *_table(rows, memory, "ours"),
         "",
-        "Targets (ours, medians):",
-        *targets(rows),
+        "The switches (all exact: tests/engine/test_optimizations.py):",
+        "",
+        *SWITCHES,
         "",
     ]
-    if ablation_rows:
-        lines += [
-            "## Speed switches: `ours` with one switch flipped",
-            "",
-            "Each row flips the named switch(es) (`trainer.*`: `conf/trainer/default.yaml`) "
-            "from the shipped default. `x ours (MFU)` compares work per second (nominal FLOPs/s, "
-            "see MFU below) with the `ours` row: length grouping reorders the pairs, so its timed "
-            "steps hold other pairs than the `ours` run's and pairs/s alone would mislead.",
-            "",
-            *_table([r for r in rows if r.variant == "ours"] + ablation_rows, memory, "ours"),
-            "",
-            "The switches (all exact: tests/engine/test_optimizations.py):",
-            "",
-            *SWITCHES,
-            "",
-        ]
-    if adapter_rows:
-        adapters = context.get("adapter_size") or size
-        lines += [
-            "## Adapters: LoRA and QLoRA, ours vs TRL with the same peft LoraConfig",
-            "",
-            f"Their own model: the one above with MLP width {adapters.intermediate_size} "
-            f"(bitsandbytes' CPU 4-bit kernels need widths in multiples of 64), "
-            f"{(adapters.body_params() + adapters.head_params()) / 1e6:.1f}M parameters. LoRA "
-            "r 16, alpha 16, no dropout, on q/k/v/o/gate/up/down (ours: `model.lora`; TRL: "
-            "`DPOTrainer(peft_config=LoraConfig(...))` with trl-fast's settings, its reference "
-            "the base with the adapters disabled, precomputed). QLoRA: the base in 4-bit NF4 with "
-            "double quantization, the same `BitsAndBytesConfig` on both sides. `ours full` trains "
-            "every weight of the same model: the memory column against it is full fine-tuning vs "
-            "LoRA vs QLoRA at this size.",
-            "",
-            *adapter_table(adapter_rows, memory),
-            "",
-        ]
-    lines += [
+
+
+def _adapters_section(rows: Sequence[Row], adapters: ModelSize, memory: str) -> list[str]:
+    """The LoRA / QLoRA rows on their own model (``adapters``), ours against TRL."""
+    return [
+        "## Adapters: LoRA and QLoRA, ours vs TRL with the same peft LoraConfig",
+        "",
+        f"Their own model: the one above with MLP width {adapters.intermediate_size} "
+        f"(bitsandbytes' CPU 4-bit kernels need widths in multiples of 64), "
+        f"{(adapters.body_params() + adapters.head_params()) / 1e6:.1f}M parameters. LoRA "
+        "r 16, alpha 16, no dropout, on q/k/v/o/gate/up/down (ours: `model.lora`; TRL: "
+        "`DPOTrainer(peft_config=LoraConfig(...))` with trl-fast's settings, its reference "
+        "the base with the adapters disabled, precomputed). QLoRA: the base in 4-bit NF4 with "
+        "double quantization, the same `BitsAndBytesConfig` on both sides. `ours full` trains "
+        "every weight of the same model: the memory column against it is full fine-tuning vs "
+        "LoRA vs QLoRA at this size.",
+        "",
+        *adapter_table(rows, memory),
+        "",
+    ]
+
+
+def _how_to_read(memory: str, trl_state: dict[str, dict[str, Any]]) -> list[str]:
+    """What each column means, and what TRL actually ran with."""
+    lines = [
         "## How to read this",
         "",
         "- pairs/s and response tok/s: pairs (and their chosen + rejected tokens) of the timed "
@@ -320,8 +343,9 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
         if memory == "RSS"
         else "- peak GPU: torch.cuda.max_memory_allocated over the whole run.",
         "- ref. pass s: time of the reference log-prob pass before training (ours: always, "
-        "one forward over the train pairs; trl-fast: `precompute_ref_log_probs`; trl-default "
-        "scores with a second model inside every step instead). Not in the timed steps.",
+        "one forward over the train pairs, and saving its scores: the `reference` phase of "
+        "results.json's `timings`; trl-fast: `precompute_ref_log_probs`; trl-default scores "
+        "with a second model inside every step instead). Not in the timed steps.",
         "- MFU: nominal model FLOPs of the timed pairs per second over the measured matmul peak. "
         "Per pair: 6 x body params x (2 x prompt + chosen + rejected) + 6 x vocab x hidden x "
         "(chosen + rejected) + causal attention 6 x hidden x layers x T(T+1) per sequence: the "
@@ -333,9 +357,9 @@ def render_report(rows: Sequence[Row], context: dict[str, Any]) -> str:
         "`adamw_torch`, batch, lr, steps, max length); TRL's own default precision is bf16 "
         "autocast.",
     ]
-    for name, state in context.get("trl_state", {}).items():
+    for name, state in trl_state.items():
         lines.append(f"- {name} ran with: " + ", ".join(f"{k}={v}" for k, v in state.items()))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _make_equivalent(command: str) -> str:

@@ -1,6 +1,5 @@
 """What both sides of ``experiments.bench.throughput`` share: the model, the tokenizer, the
-synthetic pairs,
-the order they are trained in, and the FLOP accounting.
+synthetic pairs, the order they are trained in, and the FLOP accounting.
 
 Everything is built in code from fixed seeds (no download): a word-level tokenizer with a 32k
 vocabulary (``t4`` ... ``t31999`` plus four special tokens), a randomly initialized Llama saved

@@ -13,7 +13,7 @@ gradient clipping, steps and max length. Each measurement is a fresh subprocess
 (``experiments.bench.worker``), so peak RSS is per run; runs alternate (ours, trl-default,
 trl-fast, ours, ...), and the first ``--warmup`` steps of every run are not timed.
 
-Variants:
+Variants (:mod:`experiments.bench.variants`):
 - ``ours``: ``engine.train.train`` with the config defaults (all speed switches as shipped).
 - ``trl-default``: ``DPOConfig`` defaults (a reference model scoring every step, gradient
   checkpointing) except what the bench fixes for everyone: float32 (TRL's own default is bf16
@@ -28,7 +28,8 @@ Variants:
 
 The report (``experiments/results/bench.md``, written atomically) has medians over runs of pairs/s,
 response tokens/s, peak memory (RSS on CPU, max allocated on GPU), their ratios against TRL, and
-MFU against this machine's measured dense float32 matmul rate (see ``bench_setup.pair_flops``).
+MFU against this machine's measured dense float32 matmul rate (see
+``experiments.bench.synthetic.pair_flops``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,163 +54,18 @@ from engine.runtime.distributed import without_launcher_env
 from engine.runtime.fileio import atomic_write_text
 from experiments.bench import synthetic as setup
 from experiments.bench.report import Measurement, render_report, summarize
+from experiments.bench.variants import (
+    ABLATIONS,
+    ADAPTERS,
+    MAIN,
+    QUICK,
+    Plan,
+    adapter_size,
+    schedule,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One benchmarked configuration."""
-
-    name: str
-    kind: str  # "ours" | "trl"
-    overrides: tuple[str, ...] = ()  # ours: Hydra overrides
-    trl: dict[str, Any] = field(default_factory=dict)  # trl: DPOConfig settings
-    note: str = ""
-    peft: dict[str, Any] = field(default_factory=dict)  # trl: a peft LoraConfig (peft_config)
-    quantization: str | None = None  # trl: the base loaded in 4bit / 8bit (bitsandbytes)
-
-
-MAIN = (
-    Variant("ours", "ours", note="engine.train, config defaults"),
-    Variant("trl-default", "trl", note="DPOConfig defaults (fp32)"),
-    Variant(
-        "trl-fast",
-        "trl",
-        trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False},
-        note="precompute_ref_log_probs, no gradient checkpointing",
-    ),
-)
-
-ABLATIONS = (
-    Variant("ours prefix_sharing=false", "ours", ("trainer.prefix_sharing=false",)),
-    Variant("ours padding_free=false", "ours", ("trainer.padding_free=false",)),
-    Variant(
-        "ours padding_free=false length_grouping=true",
-        "ours",
-        ("trainer.padding_free=false", "trainer.length_grouping=true"),
-    ),
-    Variant("ours length_grouping=true", "ours", ("trainer.length_grouping=true",)),
-    Variant("ours block_attention=mask", "ours", ("trainer.block_attention=mask",)),
-    Variant(
-        "ours block_attention=position_ids",
-        "ours",
-        ("trainer.block_attention=position_ids", "trainer.prefix_sharing=false"),
-        note="needs prefix_sharing=false",
-    ),
-    Variant(
-        "ours reference.precompute=false",
-        "ours",
-        ("reference.precompute=false",),
-        note="a frozen reference copy scored at every step (TRL's default)",
-    ),
-    Variant("ours logit_keep_mb=0", "ours", ("trainer.logit_keep_mb=0",)),
-    Variant("ours chunked_logprobs=false", "ours", ("trainer.chunked_logprobs=false",)),
-    Variant(
-        "ours, every switch off",
-        "ours",
-        (
-            "trainer.prefix_sharing=false",
-            "trainer.padding_free=false",
-            "trainer.logit_keep_mb=0",
-            "trainer.logit_chunk_size=1024",
-        ),
-        note="padded rows, head recomputed in backward",
-    ),
-)
-
-
-#: LoRA r 16, alpha 16 (the paper's) on every linear layer of the decoder blocks, no dropout:
-#: ours through model.lora, TRL through the same peft LoraConfig as its peft_config
-LORA = {
-    "r": 16,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-_OURS_LORA = (
-    f"model.lora={{r: {LORA['r']}, alpha: {LORA['lora_alpha']}, dropout: {LORA['lora_dropout']}, "
-    f"target_modules: [{', '.join(LORA['target_modules'])}], modules_to_save: null}}"
-)
-#: TRL's fastest honest settings (trl-fast's) for its adapter rows too
-_TRL_FAST = {"precompute_ref_log_probs": True, "gradient_checkpointing": False}
-
-ADAPTERS = (
-    Variant("ours full", "ours", note="all weights, on the adapter rows' model"),
-    Variant("ours lora", "ours", (_OURS_LORA,), note="model.lora: r 16, alpha 16"),
-    Variant(
-        "trl lora",
-        "trl",
-        trl=_TRL_FAST,
-        peft=LORA,
-        note="peft_config = the same LoraConfig; reference = adapters disabled (precomputed)",
-    ),
-    Variant(
-        "ours qlora",
-        "ours",
-        (_OURS_LORA, "model.quantization=4bit"),
-        note="4-bit NF4 base, double quantization",
-    ),
-    Variant(
-        "trl qlora",
-        "trl",
-        trl=_TRL_FAST,
-        peft=LORA,
-        quantization="4bit",
-        note="the same LoraConfig on the same BitsAndBytesConfig base",
-    ),
-)
-# bitsandbytes' CPU 4-bit kernels need layer widths that are multiples of 64
-# (engine.model.adapters.CPU_4BIT_IN_MULTIPLE): the adapter rows use the bench size with its MLP
-# width rounded up to one (small 688 -> 704, large 1376 -> 1408), for ours and TRL alike
-ADAPTER_WIDTH_MULTIPLE = 64
-
-
-def adapter_size(size: setup.ModelSize) -> setup.ModelSize:
-    """The model of the adapter rows: ``size`` with an MLP width the 4-bit CPU kernels run."""
-    width = -(-size.intermediate_size // ADAPTER_WIDTH_MULTIPLE) * ADAPTER_WIDTH_MULTIPLE
-    return replace(size, intermediate_size=width)
-
-
-@dataclass
-class Plan:
-    """What one bench run measures."""
-
-    size: str = "small"
-    micro_batch: int = 4
-    warmup: int = 2
-    steps: int = 8  # timed steps per run
-    runs: int = 3  # runs of each main variant
-    ablation_runs: int = 1
-    ablations: bool = True
-    adapters: bool = True  # the LoRA / QLoRA rows (ADAPTERS), runs times each
-    dtype: str = "float32"
-    lr: float = 1e-5
-    beta: float = 0.1
-    seed: int = 0
-    max_length: int = 512
-    pairs: setup.PairSpec = field(default_factory=setup.PairSpec)
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
-
-    @property
-    def num_pairs(self) -> int:
-        """One epoch is exactly the run: every pair is trained on once."""
-        return self.total_steps * self.micro_batch
-
-
-QUICK = {"micro_batch": 2, "warmup": 1, "steps": 2, "runs": 1, "ablations": False}
-
-
-def schedule(plan: Plan, variants: Sequence[Variant], ablations: Sequence[Variant]) -> list:
-    """The run order: the main variants alternated ``runs`` times, then the ablations."""
-    order = [v for _ in range(plan.runs) for v in variants]
-    if plan.ablations:
-        order += [v for _ in range(plan.ablation_runs) for v in ablations]
-    return order
 
 
 def trainer_settings(plan: Plan, overrides: Sequence[str]) -> dict[str, Any]:
@@ -396,6 +252,81 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+@dataclass
+class Inputs:
+    """What every run of one bench reads: the model (and the adapter rows' own), the synthetic
+    pairs in the engine's file and in TRL's (ours' training order), and each variant's order."""
+
+    model_dir: Path
+    adapters_dir: Path | None
+    pairs: list[dict[str, list[int]]]
+    train_file: Path
+    trl_file: Path
+    order: dict[str, list[list[int]]]  # variant -> pair indices per step
+
+
+def prepare_inputs(plan: Plan, size: setup.ModelSize, workdir: Path) -> Inputs:
+    """The shared model, pairs and orders, built once in ``workdir``; the engine's loader must
+    read the pairs back to their synthetic ids."""
+    model_dir = setup.build_model_dir(workdir / "model", size, max_positions=plan.max_length)
+    pairs = setup.synthetic_pairs(plan.num_pairs, plan.pairs, size.vocab_size)
+    train_file = setup.write_pairs(workdir / "train.jsonl", pairs)
+    check_tokenization(model_dir, train_file, pairs)
+    adapters_dir = None
+    if plan.adapters:
+        adapters_dir = setup.build_model_dir(
+            workdir / "model_adapters", adapter_size(size), plan.max_length
+        )
+    order = {}  # from the engine's own sampler, with each variant's switches
+    for variant in (*MAIN, *ABLATIONS):
+        if variant.kind == "ours":
+            order[variant.name] = setup.training_order(
+                pairs, trainer_settings(plan, variant.overrides), plan.total_steps, plan.seed
+            )
+    ours_order = [i for step in order["ours"] for i in step]
+    trl_file = setup.write_pairs(workdir / "train_trl.jsonl", [pairs[i] for i in ours_order])
+    for variant in (*MAIN, *ADAPTERS):  # TRL reads its file sequentially: ours' batches
+        if variant.kind == "trl" or variant in ADAPTERS:
+            order[variant.name] = order["ours"]
+    return Inputs(model_dir, adapters_dir, pairs, train_file, trl_file, order)
+
+
+def measure(
+    plan: Plan, inputs: Inputs, size: setup.ModelSize, workdir: Path, timeout: float
+) -> list[Measurement]:
+    """Every scheduled run, each in a fresh worker process, in order (the main variants and the
+    adapter rows alternated, the speed switches after the main ones)."""
+    runs = schedule(plan, MAIN, ABLATIONS)
+    if plan.adapters:  # alternated like the main variants
+        runs += [v for _ in range(plan.runs) for v in ADAPTERS]
+    measurements = []
+    for n, variant in enumerate(runs, 1):
+        tag = f"{n:02d}-" + re.sub(r"[^A-Za-z0-9_-]+", "_", variant.name)  # Hydra-safe
+        on_adapter_model = variant in ADAPTERS
+        spec = plan.run_spec(
+            variant,
+            inputs.adapters_dir if on_adapter_model else inputs.model_dir,
+            inputs.train_file if variant.kind == "ours" else inputs.trl_file,
+            workdir / "runs" / tag,
+        )
+        print(f"[{n}/{len(runs)}] {variant.name}", flush=True)
+        m = Measurement.from_result(
+            variant.name,
+            run_one(spec, workdir, tag, timeout),
+            inputs.order[variant.name],
+            inputs.pairs,
+            plan.warmup,
+            adapter_size(size) if on_adapter_model else size,
+        )
+        measurements.append(m)
+        print(
+            f"    {m.pairs_per_second:.2f} pairs/s, {m.tokens_per_second:.0f} response tok/s, "
+            f"peak {m.peak_memory_mb:.0f} MiB",
+            flush=True,
+        )
+    return measurements
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
@@ -406,86 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        # ---- the shared model, pairs and order ------------------------------------------------
-        model_dir = setup.build_model_dir(workdir / "model", size, max_positions=plan.max_length)
-        pairs = setup.synthetic_pairs(plan.num_pairs, plan.pairs, size.vocab_size)
-        train_file = setup.write_pairs(workdir / "train.jsonl", pairs)
-        check_tokenization(model_dir, train_file, pairs)
-        adapters_size = adapter_size(size)
-        adapters_dir = (
-            setup.build_model_dir(workdir / "model_adapters", adapters_size, plan.max_length)
-            if plan.adapters
-            else None
-        )
-        order = {}  # variant -> pair indices per step, from the engine's own sampler
-        for variant in (*MAIN, *ABLATIONS):
-            if variant.kind == "ours":
-                order[variant.name] = setup.training_order(
-                    pairs, trainer_settings(plan, variant.overrides), plan.total_steps, plan.seed
-                )
-        ours_order = [i for step in order["ours"] for i in step]
-        trl_file = setup.write_pairs(workdir / "train_trl.jsonl", [pairs[i] for i in ours_order])
-        for variant in (*MAIN, *ADAPTERS):  # TRL reads its file sequentially: ours' batches
-            if variant.kind == "trl" or variant in ADAPTERS:
-                order[variant.name] = order["ours"]
+        inputs = prepare_inputs(plan, size, workdir)
         print(f"measuring the float32 matmul peak ({workdir})", flush=True)
         peaks = [setup.matmul_peak_gflops()]
-
-        # ---- the runs, alternated -------------------------------------------------------------
-        shared = {
-            "model_dir": str(model_dir),
-            "dtype": plan.dtype,
-            "max_length": plan.max_length,
-            "beta": plan.beta,
-            "seed": plan.seed,
-            "steps": plan.total_steps,
-            "micro_batch": plan.micro_batch,
-            "lr": plan.lr,
-        }
-        measurements: list[Measurement] = []
-        runs = schedule(plan, MAIN, ABLATIONS)
-        if plan.adapters:  # alternated like the main variants
-            runs += [v for _ in range(plan.runs) for v in ADAPTERS]
-        for n, variant in enumerate(runs, 1):
-            tag = f"{n:02d}-" + re.sub(r"[^A-Za-z0-9_-]+", "_", variant.name)  # Hydra-safe
-            on_adapter_model = variant in ADAPTERS
-            spec = {
-                **shared,
-                "kind": variant.kind,
-                "train_file": str(train_file if variant.kind == "ours" else trl_file),
-                "run_dir": str(workdir / "runs" / tag),
-                "overrides": list(variant.overrides),
-                "trl": variant.trl,
-                "peft": variant.peft,
-                "quantization": variant.quantization,
-            }
-            if on_adapter_model:
-                spec["model_dir"] = str(adapters_dir)
-            print(f"[{n}/{len(runs)}] {variant.name}", flush=True)
-            result = run_one(spec, workdir, tag, args.timeout)
-            measurements.append(
-                Measurement.from_result(
-                    variant.name,
-                    result,
-                    order[variant.name],
-                    pairs,
-                    plan.warmup,
-                    adapters_size if on_adapter_model else size,
-                )
-            )
-            m = measurements[-1]
-            print(
-                f"    {m.pairs_per_second:.2f} pairs/s, {m.tokens_per_second:.0f} response tok/s, "
-                f"peak {m.peak_memory_mb:.0f} MiB",
-                flush=True,
-            )
+        measurements = measure(plan, inputs, size, workdir, args.timeout)
         peaks.append(setup.matmul_peak_gflops())  # again: a busy machine reads low
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     peak_gflops = max(peaks)
-    rows = summarize(measurements, peak_gflops)
     context = {
         "command": command,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -497,12 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak_samples": peaks,
         "plan": plan,
         "size": size,
-        "adapter_size": adapters_size,
+        "adapter_size": adapter_size(size),
         "variants": {v.name: v for v in (*MAIN, *ABLATIONS, *ADAPTERS)},
         "quick": args.quick,
         "trl_state": {m.variant: m.trl_state for m in measurements if m.trl_state},
     }
-    report = render_report(rows, context)
+    report = render_report(summarize(measurements, peak_gflops), context)
     out = args.out or default_out(plan, args.quick, args.workdir)
     atomic_write_text(out, report)
     if args.json:

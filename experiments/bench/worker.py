@@ -5,9 +5,10 @@ own):
 
 ``SPEC.json`` names the trainer (``ours``: ``engine.train.train`` on a composed Hydra config, the
 real loop on DeepSpeed; ``trl``: ``trl.DPOTrainer.train``), the model directory, the train file,
-the steps and the settings. ``RESULT.json`` gets the wall time of every optimizer step, the time
-of the reference log-prob pass (0 when there is none), the process's peak memory, and each step's
-loss and mean chosen / rejected rewards (``step_metrics``, what the TRL agreement test compares).
+the steps and the settings (built by ``experiments.bench.variants.Plan.run_spec``). ``RESULT.json``
+gets the wall time of every optimizer step, the time of the reference log-prob pass before
+training, the process's peak memory, and each step's loss and mean chosen / rejected rewards
+(``step_metrics``, what the TRL agreement test compares).
 A spec with ``runs`` (a list of specs of one trainer) runs each in turn in this one process and
 writes the list of their results (the agreement test's many short runs share one start-up).
 
@@ -15,6 +16,11 @@ Step times, both sides alike: from the end of one optimizer step (after its logg
 of the next, so data collation, forward, backward, optimizer step and per-step bookkeeping all
 count. Ours reads them back from ``metrics.jsonl`` (``log_every=1``: pairs / pairs_per_second of
 each one-step window); TRL's come from a ``TrainerCallback``.
+
+The reference pass: ours is the ``reference`` phase of ``results.json``'s ``timings`` (the
+scoring of every pair before the first update and the saving of those scores; ~0 for a live
+reference, which scores inside the steps); TRL's is its ``_precompute_ref_logps`` (0 when it
+does not precompute). Nothing of the engine is patched or wrapped to time it.
 """
 
 from __future__ import annotations
@@ -83,31 +89,12 @@ def compose_ours(overrides: list[str]) -> Any:
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train with ``engine.train.train`` and read the step times back from its metrics."""
-    import engine.model.reference as reference_module
-    import engine.train as train_module
+    """Train with ``engine.train.train``; the step times from its ``metrics.jsonl``, the reference
+    pass from its ``results.json`` ``timings`` (``reference_s``)."""
     from engine.metrics import read_metrics
+    from engine.train import train
 
-    # the reference pass is engine.model.reference's logprobs_of_pairs (evaluation scores through
-    # the loop's)
-    reference_seconds = 0.0
-    logprobs_of_pairs = reference_module.logprobs_of_pairs
-
-    def timed_score_pairs(*args: Any, **kwargs: Any) -> Any:  # measures, then calls through
-        nonlocal reference_seconds
-        start = time.perf_counter()
-        try:
-            return logprobs_of_pairs(*args, **kwargs)
-        finally:
-            reference_seconds += time.perf_counter() - start
-
-    reference_module.logprobs_of_pairs = timed_score_pairs
-    try:
-        train_module.train(compose_ours(ours_overrides(spec)))
-    finally:
-        reference_module.logprobs_of_pairs = (
-            logprobs_of_pairs  # the next run of this process times afresh
-        )
+    results = train(compose_ours(ours_overrides(spec)))  # what results.json holds
     rows = [row for row in read_metrics(Path(spec["run_dir"]) / "metrics.jsonl") if "step" in row]
     seconds = [
         spec["micro_batch"] / row["train/pairs_per_second"]
@@ -119,12 +106,15 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         for row in rows
         if "train/loss" in row
     ]
-    return {"step_seconds": seconds, "reference_seconds": reference_seconds, "step_metrics": steps}
+    return {
+        "step_seconds": seconds,
+        "reference_seconds": results["timings"]["reference_s"],
+        "step_metrics": steps,
+    }
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with ``trl.DPOTrainer.train`` on the same pairs, in the same order."""
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -168,7 +158,50 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             return loss
 
     rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
-    settings = {
+    settings = _trl_settings(spec)
+    model, peft_config = _trl_adapters(spec, settings)
+    timer = StepTimes()
+    trainer = TimedDPOTrainer(
+        model=model,
+        args=DPOConfig(**settings),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
+        callbacks=[timer],
+        peft_config=peft_config,
+    )
+    trainer.train()
+    return {
+        "step_seconds": [b - a for a, b in itertools.pairwise(timer.marks)],
+        "reference_seconds": reference_seconds,
+        "step_metrics": steps,
+        "trl_state": _trl_state(trainer, with_adapters=peft_config is not None),
+    }
+
+
+def _trl_state(trainer: Any, with_adapters: bool) -> dict[str, Any]:
+    """What TRL actually ran with, for the report."""
+    model = trainer.model
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    state = {
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "reference_model": trainer.ref_model is not None,
+        "precompute_ref_log_probs": bool(trainer.precompute_ref_logps),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "autocast_bf16": bool(trainer.args.bf16),
+        "optimizer": type(optimizer).__name__,
+    }
+    if with_adapters:
+        state["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return state
+
+
+def _trl_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """``DPOConfig``'s arguments: what the bench fixes for every trainer (batch, steps, AdamW,
+    constant lr, clipping, precision, max length, the sequential order), then the variant's own
+    (``spec["trl"]``)."""
+    import torch
+
+    return {
         "output_dir": spec["run_dir"],
         "per_device_train_batch_size": spec["micro_batch"],
         "gradient_accumulation_steps": 1,
@@ -197,40 +230,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "train_sampling_strategy": "sequential",
         "model_init_kwargs": {"dtype": "float32"},
         **spec.get("trl", {}),
-    }
-    model, peft_config = _trl_adapters(spec, settings)
-    timer = StepTimes()
-    trainer = TimedDPOTrainer(
-        model=model,
-        args=DPOConfig(**settings),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
-        callbacks=[timer],
-        peft_config=peft_config,
-    )
-    trainer.train()
-    marks = timer.marks
-    model = trainer.model
-    return {
-        "step_seconds": [b - a for a, b in itertools.pairwise(marks)],
-        "reference_seconds": reference_seconds,
-        "step_metrics": steps,
-        # what TRL actually ran with, for the report
-        "trl_state": {
-            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
-            "reference_model": trainer.ref_model is not None,
-            "precompute_ref_log_probs": bool(trainer.precompute_ref_logps),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "autocast_bf16": bool(trainer.args.bf16),
-            "optimizer": type(trainer.optimizer.optimizer).__name__
-            if hasattr(trainer.optimizer, "optimizer")
-            else type(trainer.optimizer).__name__,
-            **(
-                {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-                if peft_config is not None
-                else {}
-            ),
-        },
     }
 
 

@@ -1,62 +1,56 @@
-"""Turn a Hydra multirun sweep directory into the BPO paper's ablation table and plots.
+"""The BPO paper's ablation table: six losses x {difference, balanced} margin, with plots.
 
     python -m engine.train -m loss=logistic,hinge,squared,exponential,truncated_quadratic,savage \\
         margin=difference,balanced seed=1,2,3
-    python -m experiments.tables.ablation multirun/<date>/<time> [--out DIR] [--metric
-    eval.accuracy]
-        [--alpha 0.3] [--beta 0.1]
+    python -m experiments.tables ablation multirun/<date>/<time> [--out DIR] \\
+        [--metric eval.accuracy] [--alpha 0.3] [--beta 0.1]
 
-Writes to `--out` (default `<sweep_dir>/ablation/`): `ablation.md`, `ablation.csv`, `rewards.png`,
-`accuracy.png` and, when logged, `chosen_below_zero.png`. Every file is written atomically.
+:func:`write_report` writes ``ablation.md``, ``ablation.csv``, ``rewards.png``, ``accuracy.png``
+and, when logged, ``chosen_below_zero.png`` (every file atomically); ``python -m
+experiments.tables ablation`` adds the convergence and cost sections (:mod:`.report`). The runs
+come from :mod:`.collect`, the text of cells and gains from :mod:`.formatting`.
 
 Decisions worth knowing:
-- A job dir is any directory holding `.hydra/config.yaml`, `results.json` or `failed.json`; its
-  status is "finished" (results.json), "failed" (failed.json) or "incomplete" (neither).
-- A `results.json` that is not valid JSON makes the run *failed*, with a reason naming the file, so
-  one corrupt run is reported instead of hiding the whole sweep.
 - Runs with `method.name` set (dpo, bpo, chosen_nll, ...) go to the methods table only: a method may
   add extra terms, so it is not a plain loss x margin cell.
+- The main table shows the balanced margin at one alpha (0.3 when present); every alpha found, and
+  margins other than the two, fill the gap-adaptor table.
 - Accuracies in [0, 1] are shown, and written to the CSV, in percent.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.metrics import read_metrics
 from engine.runtime.fileio import atomic_write_text
-from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
+from experiments.tables.collect import Cell, Run, TableError, collect_runs, fill_cell, number
+from experiments.tables.formatting import (
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    format_number,
+    md_table,
+)
+from experiments.tables.stats import PairedGain, paired_gain
 
 if TYPE_CHECKING:
     from experiments.tables.plots import PlotData
 
 __all__ = [
-    "AblationError",
+    "CSV_COLUMNS",
+    "PAPER_LOSSES",
     "AblationRow",
-    "Cell",
     "MethodRow",
-    "Run",
     "Tables",
     "build_tables",
-    "collect_runs",
-    "csv_number",
-    "csv_text",
-    "fill_cell",
-    "format_cell",
-    "format_gain",
-    "main",
-    "md_table",
+    "plot_data",
     "render_csv",
     "render_markdown",
     "write_report",
@@ -69,164 +63,13 @@ DEFAULT_METRIC, FALLBACK_METRIC = "eval.accuracy", "eval.reward_accuracy"
 DEFAULT_ALPHA = 0.3
 
 
-class AblationError(ValueError):
-    """A sweep directory, metric or option that cannot produce a report; the message says why."""
-
-
-# ----------------------------------------------------------------------------- collecting runs
-
-
-@dataclass
-class Run:
-    """One job of a sweep: where it is, what it ran, and how it ended."""
-
-    path: Path
-    status: str  # "finished" | "failed" | "incomplete"
-    loss: str | None = None
-    margin: str | None = None
-    alpha: float | None = None  # gap adaptor; None for the difference margin, which ignores it
-    beta: float | None = None
-    seed: int | None = None
-    method: str | None = None
-    results: dict | None = None
-    error: str | None = None
-    config: dict = field(default_factory=dict)
-    _metrics: list[dict] | None = field(default=None, repr=False)
-
-    def value(self, metric: str) -> float | None:
-        """The numeric value at the dotted path `metric` of results.json, or None."""
-        node = self.results
-        for part in metric.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        ok = isinstance(node, int | float) and not isinstance(node, bool)
-        return float(node) if ok else None
-
-    def metrics(self) -> list[dict]:
-        """Rows of this run's metrics.jsonl ([] when absent), read once."""
-        if self._metrics is None:
-            path = self.path / "metrics.jsonl"
-            self._metrics = read_metrics(path) if path.is_file() else []
-        return self._metrics
-
-
-def _is_job_dir(d: Path) -> bool:
-    return any((d / n).is_file() for n in (".hydra/config.yaml", "results.json", "failed.json"))
-
-
-def _find_job_dirs(root: Path) -> list[Path]:
-    """Job dirs under root (root included), not descending into a job dir (checkpoints, models)."""
-    if _is_job_dir(root):
-        return [root]
-    found = []
-    # Natural order, so job 10 comes after job 9.
-    for child in sorted(root.iterdir(), key=lambda p: (not p.name.isdigit(), p.name.zfill(12))):
-        if child.is_dir() and not child.is_symlink() and not child.name.startswith("."):
-            found += _find_job_dirs(child)
-    return found
-
-
-def _load_config(path: Path) -> dict:
-    """The config as a plain dict, resolving interpolations when they resolve outside Hydra."""
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.load(path)
-        try:
-            data = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # e.g. ${hydra:...} interpolations: fall back to raw values
-            data = OmegaConf.to_container(cfg, resolve=False)
-    except Exception as e:
-        raise AblationError(f"{path}: not a readable YAML config: {e}") from e
-    return data if isinstance(data, dict) else {}
-
-
-def _name(node: object) -> str | None:
-    """`loss: {name: hinge}` or `loss: hinge` -> "hinge"."""
-    if isinstance(node, dict):
-        node = node.get("name")
-    return node if isinstance(node, str) else None
-
-
-def _num(x: object) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
-def _first(*values: float | None) -> float | None:
-    return next((v for v in values if v is not None), None)
-
-
-def _load_run(job: Path) -> Run:
-    config = _load_config(job / ".hydra" / "config.yaml")
-    margin_cfg = config.get("margin")
-    run = Run(
-        path=job,
-        status="incomplete",
-        config=config,
-        loss=_name(config.get("loss")),
-        margin=_name(margin_cfg),
-        alpha=_num(margin_cfg.get("alpha")) if isinstance(margin_cfg, dict) else None,
-        beta=_num(config.get("beta")),
-        seed=config.get("seed") if isinstance(config.get("seed"), int) else None,
-        method=_name(config.get("method")),
-    )
-    results_path, failed_path = job / "results.json", job / "failed.json"
-    if results_path.is_file():
-        try:
-            results = json.loads(results_path.read_text(encoding="utf-8"))
-            if not isinstance(results, dict):
-                raise ValueError("top level is not a JSON object")
-        except ValueError as e:  # JSONDecodeError is a ValueError
-            run.status, run.error = "failed", f"invalid results.json ({results_path}): {e}"
-        else:
-            run.status, run.results = "finished", results
-            # results.json records what actually ran; the config fills in what it lacks.
-            run.loss = _name(results.get("loss")) or run.loss
-            run.margin = _name(results.get("margin")) or run.margin
-            run.method = _name(results.get("method")) or run.method
-            run.beta = _first(_num(results.get("beta")), run.beta)
-            run.alpha = _first(_num(results.get("alpha")), run.alpha)
-            seed = results.get("seed")
-            run.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else run.seed
-    elif failed_path.is_file():
-        run.status = "failed"
-        try:
-            failed = json.loads(failed_path.read_text(encoding="utf-8"))
-            run.error = str(failed.get("error") or "unknown error")
-        except (ValueError, AttributeError) as e:
-            run.error = f"unreadable failed.json ({failed_path}): {e}"
-    if run.margin != "balanced":
-        run.alpha = None
-    return run
-
-
-def collect_runs(sweep_dir: str | os.PathLike) -> list[Run]:
-    """All job runs found recursively under a Hydra multirun sweep directory, sorted by path.
-
-    Raises AblationError when the directory does not exist or holds no job dirs.
-    """
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise AblationError(f"sweep directory {root} does not exist or is not a directory")
-    jobs = _find_job_dirs(root)
-    if not jobs:
-        raise AblationError(
-            f"no runs found under {root}: expected job dirs holding .hydra/config.yaml, "
-            "results.json or failed.json (is this a Hydra multirun sweep dir?)"
-        )
-    return [_load_run(j) for j in jobs]
-
-
 # ----------------------------------------------------------------------------- tables
 
 
 def _numeric_keys(node: object, prefix: str = "") -> set[str]:
     if isinstance(node, dict):
         return {k for key, v in node.items() for k in _numeric_keys(v, f"{prefix}{key}.")}
-    return {prefix[:-1]} if _num(node) is not None else set()
+    return {prefix[:-1]} if number(node) is not None else set()
 
 
 def _resolve_metric(finished: Sequence[Run], metric: str | None) -> tuple[str, str | None]:
@@ -241,39 +84,10 @@ def _resolve_metric(finished: Sequence[Run], metric: str | None) -> tuple[str, s
                 note = f"no run has `{DEFAULT_METRIC}` (no verifier?); showing `{m}` instead"
             return m, note
     available = sorted(set().union(*(_numeric_keys(r.results) for r in finished)))
-    raise AblationError(
+    raise TableError(
         f"metric {candidates[0]!r} is not in any results.json; numeric keys available: "
         + ", ".join(available)
     )
-
-
-@dataclass
-class Cell:
-    """The runs of one table cell: metric values (display units) per finished seed, and the rest."""
-
-    values: list[float] = field(default_factory=list)
-    seeds: list[int | None] = field(default_factory=list)
-    failed: int = 0
-    incomplete: int = 0
-    no_metric: int = 0  # finished runs whose results.json lacks the metric
-
-    @property
-    def summary(self) -> Summary:
-        """Mean, sample std and n over the finished runs."""
-        return summarize(self.values)
-
-    @property
-    def empty(self) -> bool:
-        """True when no run at all belongs to this cell."""
-        return not (self.values or self.failed or self.incomplete or self.no_metric)
-
-    def by_seed(self) -> dict[int, float]:
-        """Value per seed, averaging repeated seeds; runs without a seed are left out."""
-        groups: dict[int, list[float]] = {}
-        for s, v in zip(self.seeds, self.values, strict=True):
-            if s is not None:
-                groups.setdefault(s, []).append(v)
-        return {s: sum(v) / len(v) for s, v in groups.items()}
 
 
 @dataclass
@@ -322,7 +136,7 @@ def _key(alpha: float | None) -> float | None:
 def _choose_alpha(alphas: Counter, alpha: float | None) -> float | None:
     if alpha is not None:
         if alphas and _key(alpha) not in alphas:
-            raise AblationError(
+            raise TableError(
                 f"--alpha {alpha} has no balanced runs; alphas found: {sorted(alphas)}"
             )
         return _key(alpha)
@@ -331,20 +145,6 @@ def _choose_alpha(alphas: Counter, alpha: float | None) -> float | None:
     if DEFAULT_ALPHA in alphas:
         return DEFAULT_ALPHA
     return max(sorted(alphas), key=lambda a: alphas[a])  # most common; ties -> smallest
-
-
-def fill_cell(cell: Cell, run: Run, metric: str, scale: float) -> None:
-    """Count ``run`` into ``cell``: its metric x ``scale`` (and seed) when it finished with the
-    metric, else as failed, incomplete or without the metric."""
-    if run.status == "failed":
-        cell.failed += 1
-    elif run.status == "incomplete":
-        cell.incomplete += 1
-    elif (v := run.value(metric)) is None:
-        cell.no_metric += 1
-    else:
-        cell.values.append(v * scale)
-        cell.seeds.append(run.seed)
 
 
 def _loss_order(names: Iterable[str]) -> list[str]:
@@ -364,7 +164,7 @@ def build_tables(
         runs: from `collect_runs`.
         metric: dotted path into results.json; None means `eval.accuracy`, falling back (with a
             note) to `eval.reward_accuracy` when no run has it. A named metric found in no run
-            raises AblationError listing the numeric keys available.
+            raises TableError listing the numeric keys available.
         alpha: the balanced margin's gap adaptor for the main table; None picks 0.3 when present,
             else the most common one. The difference margin ignores alpha.
         beta: keep only runs with this beta; None keeps all (with a note when several are pooled).
@@ -373,7 +173,7 @@ def build_tables(
     if beta is not None:
         runs = [r for r in runs if r.beta is not None and math.isclose(r.beta, beta)]
         if not runs:
-            raise AblationError(f"--beta {beta} matches no run")
+            raise TableError(f"--beta {beta} matches no run")
     betas = sorted({r.beta for r in runs if r.beta is not None})
     if beta is None and len(betas) > 1:
         notes.append(f"runs with several beta values are pooled: {betas} (use --beta to pick one)")
@@ -446,53 +246,6 @@ def build_tables(
 # ----------------------------------------------------------------------------- rendering
 
 
-def _fmt(x: float, percent: bool, sign: bool = False) -> str:
-    return (
-        f"{x:+.1f}"
-        if percent and sign
-        else f"{x:.1f}"
-        if percent
-        else f"{x:+.4g}"
-        if sign
-        else f"{x:.4g}"
-    )
-
-
-def format_cell(cell: Cell, percent: bool) -> str:
-    """`44.5 ± 1.2 (n=3)`, `44.5 (n=1)`, `missing`, `failed (2)`, `41.0 ± 0.3 (n=2, 1 failed)`."""
-    if cell.empty:
-        return "missing"
-    counts = [
-        (cell.failed, "failed", "failed"),
-        (cell.incomplete, "incomplete", "incomplete"),
-        (cell.no_metric, "without metric", "no metric"),
-    ]
-    s = cell.summary
-    if s.n == 0:  # name the first reason nothing finished, then the others
-        k, _, head = next(c for c in counts if c[0])
-        rest = [f"{c[0]} {c[1]}" for c in counts if c[0] and c[2] != head]
-        return f"{head} ({k})" + (f" ({', '.join(rest)})" if rest else "")
-    extras = [f"{k} {what}" for k, what, _ in counts if k]
-    value = _fmt(s.mean, percent) + (f" ± {_fmt(s.std, percent)}" if s.n > 1 else "")
-    return f"{value} ({', '.join([f'n={s.n}', *extras])})"
-
-
-def format_gain(gain: PairedGain, percent: bool) -> str:
-    """`+3.5 [+1.2, +5.8] (n=3)`; `-` without paired seeds; no interval with one pair."""
-    if gain.n == 0:
-        return "-"
-    if gain.n == 1:
-        return f"{_fmt(gain.mean, percent, True)} (n=1, no CI)"
-    lo, hi = _fmt(gain.ci_low, percent, True), _fmt(gain.ci_high, percent, True)
-    return f"{_fmt(gain.mean, percent, True)} [{lo}, {hi}] (n={gain.n})"
-
-
-def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
-    """A Markdown table's lines: the header, the rule, one line per row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in body]
-
-
 def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) -> str:
     """The ablation report as Markdown: header, main table, gap-adaptor and methods tables, runs."""
     runs, pct = tables.runs, tables.percent
@@ -510,7 +263,10 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
     ]
     out += [f"> Note: {n}" for n in tables.notes] + ([""] if tables.notes else [])
     if tables.sft is not None:
-        out += [f"Starting point (SFT model) {tables.metric}: {_fmt(tables.sft, pct)}.", ""]
+        out += [
+            f"Starting point (SFT model) {tables.metric}: {format_number(tables.sft, pct)}.",
+            "",
+        ]
     out += [
         "Cells: mean ± sample std over seeds (n = seeds). Gain: balanced - difference paired "
         "by seed, mean [95% t confidence interval].",
@@ -570,30 +326,13 @@ CSV_COLUMNS = (
 )
 
 
-def csv_number(x: float | None) -> str:
-    """A CSV cell for a number: empty when undefined (None or nan), else rounded to 10 digits."""
-    return "" if x is None or math.isnan(x) else repr(round(x, 10))
-
-
-def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A CSV file's text: the header line, then one line per row."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def render_csv(tables: Tables) -> str:
     """One row per loss: mean, std, n, failed, incomplete per margin; paired gain and its 95% CI.
 
     Values are in display units (percent for accuracies, see the `unit` column); empty = undefined.
     """
     num = csv_number
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    rows = []
     for r in tables.rows:
         row = [
             r.loss,
@@ -606,11 +345,11 @@ def render_csv(tables: Tables) -> str:
             s = cell.summary
             row += [num(s.mean), num(s.std), s.n, cell.failed, cell.incomplete]
         row += [num(r.gain.mean), num(r.gain.ci_low), num(r.gain.ci_high), r.gain.n]
-        w.writerow(row)
-    return buf.getvalue()
+        rows.append(row)
+    return csv_text(CSV_COLUMNS, rows)
 
 
-# ----------------------------------------------------------------------------- report and CLI
+# ----------------------------------------------------------------------------- report
 
 
 def plot_data(tables: Tables) -> PlotData:
@@ -649,19 +388,17 @@ def plot_data(tables: Tables) -> PlotData:
 
 def write_report(
     sweep_dir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike,
     metric: str | None = None,
     alpha: float | None = None,
     beta: float | None = None,
 ) -> Path:
-    """Collect a sweep, build its tables and write ablation.md, ablation.csv and the plots.
-
-    `out_dir` defaults to `<sweep_dir>/ablation`. See `build_tables` for metric, alpha and beta.
-    Returns the path of ablation.md.
-    """
+    """Collect the runs under ``sweep_dir``, build the tables and write ablation.md, ablation.csv
+    and the plots into ``out_dir``. See `build_tables` for metric, alpha and beta. Returns the
+    path of ablation.md."""
     sweep = Path(sweep_dir)
     tables = build_tables(collect_runs(sweep), metric=metric, alpha=alpha, beta=beta)
-    out = Path(out_dir) if out_dir is not None else sweep / "ablation"
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from experiments.tables.plots import write_plots  # matplotlib is imported only when plotting
 
@@ -670,39 +407,3 @@ def write_report(
     md = out / "ablation.md"
     atomic_write_text(md, render_markdown(tables, sweep, written))
     return md
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 on a clear user error)."""
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.tables.ablation", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("sweep_dir", help="Hydra multirun sweep directory")
-    p.add_argument("--out", default=None, help="output directory (default: <sweep_dir>/ablation)")
-    p.add_argument(
-        "--metric",
-        default=None,
-        help=f"dotted path into results.json (default: {DEFAULT_METRIC}, else {FALLBACK_METRIC})",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="balanced-margin alpha for the main table (default: 0.3, else most common)",
-    )
-    p.add_argument("--beta", type=float, default=None, help="keep only runs with this beta")
-    args = p.parse_args(argv)
-    try:
-        md = write_report(
-            args.sweep_dir, args.out, metric=args.metric, alpha=args.alpha, beta=args.beta
-        )
-    except AblationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(md.read_text(encoding="utf-8"))
-    print(f"wrote {md.parent}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

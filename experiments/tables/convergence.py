@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.tables.ablation import Run, csv_number, csv_text, md_table
+from experiments.tables.collect import Run
+from experiments.tables.formatting import csv_number, csv_text, md_table
 from experiments.tables.stats import Summary, summarize
 
 __all__ = [

@@ -2,8 +2,9 @@
 training, evaluation, export), per cell and in total, so the slow parts of a table are visible.
 
 ``startup`` is data, model and DeepSpeed set-up inside the run (the task's SFT build too, on a
-cold cache); ``reference`` the reference model's scoring pass; ``train`` the optimizer steps;
-``eval`` every periodic and final evaluation; ``export`` writing the final model. Process start
+cold cache); ``reference`` the reference model's scoring pass; ``train`` the optimizer steps (with
+their gradient-weight diagnostics, which results.json books apart as ``diagnostics_s``); ``eval``
+every periodic and final evaluation; ``export`` writing the final model. Process start
 (Python imports, Hydra) is outside ``train()`` and shows as the gap between a sweep's wall time
 and the sum of its runs' (jobs run in parallel, so compare per job).
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from experiments.tables.ablation import Run, csv_text, md_table
+from experiments.tables.collect import Run
+from experiments.tables.formatting import csv_text, md_table
 
 __all__ = ["PHASES", "render_csv", "render_markdown", "totals"]
 
@@ -23,7 +25,9 @@ def _timings(run: Run) -> dict[str, float] | None:
     timings = (run.results or {}).get("timings")
     if not isinstance(timings, dict):
         return None
-    return {p: float(timings.get(f"{p}_s", 0.0)) for p in PHASES}
+    seconds = {p: float(timings.get(f"{p}_s", 0.0)) for p in PHASES}
+    seconds["train"] += float(timings.get("diagnostics_s", 0.0))  # part of the steps' time
+    return seconds
 
 
 def totals(runs: Sequence[Run]) -> tuple[dict[str, float], int]:

@@ -18,8 +18,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from experiments.tables.ablation import PAPER_LOSSES, Cell, Run, csv_text, format_cell, md_table
-from experiments.tables.ablation import csv_number as num
+from experiments.tables.ablation import PAPER_LOSSES
+from experiments.tables.collect import Cell, Run
+from experiments.tables.formatting import csv_number as num
+from experiments.tables.formatting import csv_text, format_cell, md_table
 from experiments.tables.select import cell, optimizer_of
 
 __all__ = ["HypothesisCell", "HypothesisTable", "build", "render_csv", "render_markdown"]

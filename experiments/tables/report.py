@@ -1,31 +1,29 @@
-"""Write each reproduce table's report: its table (Markdown, CSV, PNG), the convergence of its
-cells and the cost of its runs, into one directory.
+"""Write each table's report: its table (Markdown, CSV, PNG), the convergence of its cells and the
+cost of its runs, into one directory.
 
-``TABLES[name](sweep_root, out)`` reads the runs of the sweeps under ``sweep_root`` that the
-table needs (``SOURCES``: the methods table pools the ablation's runs of the same objectives)
-and writes ``<name>.md`` (table, convergence, cost per run, plots), ``<name>.csv``,
-``convergence.csv``, ``costs.csv`` and PNGs. Returns the Markdown file's path.
+``TABLES[name](sweeps, out, **options)`` reads the runs the table needs
+(:class:`experiments.tables.collect.Sweeps`: the ``SOURCES`` folders of a sweep root as ``make
+reproduce`` lays it out, where the methods table pools the ablation's runs of the same
+objectives; or every run of one sweep directory) and writes ``<name>.md`` (table, convergence,
+cost per run, plots), ``<name>.csv``, ``convergence.csv``, ``costs.csv`` and PNGs. Returns the
+Markdown file's path. Only the ablation takes options (metric, alpha, beta:
+:func:`experiments.tables.ablation.build_tables`).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
 from experiments.tables import convergence, costs, hypothesis, methods, scale
-from experiments.tables.ablation import Run, write_report
-from experiments.tables.select import collect, group, method_of, optimizer_of, sft_accuracy, size_of
+from experiments.tables.ablation import write_report
+from experiments.tables.collect import Run, Sweeps
+from experiments.tables.select import group, method_of, optimizer_of, sft_accuracy, size_of
 
-__all__ = ["SOURCES", "TABLES", "write_table"]
-
-#: table -> the sweep directories (under the sweep root) whose runs it reads
-SOURCES: dict[str, tuple[str, ...]] = {
-    "ablation": ("ablation",),
-    "methods": ("ablation", "methods"),
-    "scale": ("ablation", "methods", "scale"),
-    "hypothesis": ("ablation", "hypothesis"),
-}
+__all__ = ["TABLES", "write_table"]
 
 
 def _demote(markdown: str) -> str:
@@ -58,14 +56,10 @@ def _finish(
     return path
 
 
-def _runs(sweep_root: Path, name: str) -> list[Run]:
-    return collect(sweep_root / source for source in SOURCES[name])
-
-
-def write_methods(sweep_root: Path, out: Path) -> Path:
+def write_methods(sweeps: Sweeps, out: Path) -> Path:
     """methods.md / .csv / accuracy.png and the convergence and costs of each method."""
-    table = methods.build(_runs(sweep_root, "methods"))
-    picked = _picked_methods(sweep_root, table)
+    table = methods.build(sweeps.runs("methods"))
+    picked = _picked_methods(sweeps, table)
     cells = {r.method: picked.get(r.method, []) for r in table.rows}
     return _finish(
         "methods",
@@ -78,8 +72,8 @@ def write_methods(sweep_root: Path, out: Path) -> Path:
     )
 
 
-def _picked_methods(sweep_root: Path, table: methods.MethodsTable) -> dict[str, list[Run]]:
-    runs = [r for r in _runs(sweep_root, "methods") if optimizer_of(r) == "adamw"]
+def _picked_methods(sweeps: Sweeps, table: methods.MethodsTable) -> dict[str, list[Run]]:
+    runs = [r for r in sweeps.runs("methods") if optimizer_of(r) == "adamw"]
     sizes = {size_of(r) for r in runs}
     if len(sizes) > 1:  # the table kept the most common size; so do its curves
         keep = max(sizes, key=lambda s: sum(size_of(r) == s for r in runs))
@@ -87,11 +81,11 @@ def _picked_methods(sweep_root: Path, table: methods.MethodsTable) -> dict[str, 
     return {str(k): v for k, v in group(runs, method_of).items()}
 
 
-def write_scale(sweep_root: Path, out: Path) -> Path:
+def write_scale(sweeps: Sweeps, out: Path) -> Path:
     """scale.md / .csv / accuracy.png and the convergence and costs of each size x method."""
     runs = [
         r
-        for r in _runs(sweep_root, "scale")
+        for r in sweeps.runs("scale")
         if optimizer_of(r) == "adamw" and method_of(r) in ("dpo", "bpo")
     ]
     table = scale.build(runs)
@@ -110,11 +104,11 @@ def write_scale(sweep_root: Path, out: Path) -> Path:
     )
 
 
-def write_hypothesis(sweep_root: Path, out: Path) -> Path:
+def write_hypothesis(sweeps: Sweeps, out: Path) -> Path:
     """hypothesis.md / .csv, rewards and gradient-weight grids per optimizer x loss."""
     from experiments.tables.plots import plot_gradient_weights, plot_rewards
 
-    runs = _runs(sweep_root, "hypothesis")
+    runs = sweeps.runs("hypothesis")
     table = hypothesis.build(runs)
     picked = [r for r in runs if r.method is None and r.margin == "balanced"]
     cells = {
@@ -148,12 +142,20 @@ def write_hypothesis(sweep_root: Path, out: Path) -> Path:
     )
 
 
-def write_ablation(sweep_root: Path, out: Path) -> Path:
-    """The ablation report (:func:`experiments.tables.ablation.write_report`), plus the convergence
-    and
-    costs of its cells."""
-    md = write_report(sweep_root / "ablation", out)
-    runs = _runs(sweep_root, "ablation")
+def write_ablation(
+    sweeps: Sweeps,
+    out: Path,
+    metric: str | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+) -> Path:
+    """The ablation report (:func:`experiments.tables.ablation.write_report`; ``metric``, ``alpha``
+    and ``beta`` as there), plus the convergence and costs of its cells."""
+    (sweep_dir,) = sweeps.dirs("ablation")
+    md = write_report(sweep_dir, out, metric=metric, alpha=alpha, beta=beta)
+    runs = sweeps.runs("ablation")
+    if beta is not None:  # the sections cover the runs the table shows
+        runs = [r for r in runs if r.beta is not None and math.isclose(r.beta, beta)]
     cells: dict[str, list[Run]] = {}
     for r in runs:
         if r.method is not None:
@@ -167,7 +169,7 @@ def write_ablation(sweep_root: Path, out: Path) -> Path:
     return _finish("ablation", out, text, None, cells, [], sft_accuracy(runs))
 
 
-TABLES: dict[str, Callable[[Path, Path], Path]] = {
+TABLES: dict[str, Callable[..., Path]] = {
     "ablation": write_ablation,
     "methods": write_methods,
     "scale": write_scale,
@@ -175,10 +177,15 @@ TABLES: dict[str, Callable[[Path, Path], Path]] = {
 }
 
 
-def write_table(name: str, sweep_root: str | Path, out: str | Path) -> Path:
-    """Write table ``name``'s report from the sweeps under ``sweep_root`` into ``out``."""
+def write_table(
+    name: str, sweeps: Sweeps | str | os.PathLike, out: str | os.PathLike, **options: object
+) -> Path:
+    """Write table ``name``'s report into ``out`` from ``sweeps`` (a path is read as a sweep root
+    or as one sweep by :meth:`Sweeps.find`). ``options``: the ablation's metric, alpha, beta."""
     if name not in TABLES:
         raise ValueError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    if not isinstance(sweeps, Sweeps):
+        sweeps = Sweeps.find(sweeps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return TABLES[name](Path(sweep_root), out)
+    return TABLES[name](sweeps, out, **options)

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.tables.ablation import Cell, Run, csv_text, format_cell, format_gain, md_table
-from experiments.tables.ablation import csv_number as num
+from experiments.tables.collect import Cell, Run
+from experiments.tables.formatting import csv_number as num
+from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
 from experiments.tables.select import (
     METRIC,
     Size,

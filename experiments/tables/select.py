@@ -1,32 +1,29 @@
 """Picking and grouping runs for the reproduce tables (methods, scale, hypothesis, convergence).
 
-Runs are :class:`experiments.tables.ablation.Run` values from :func:`collect`. The tables pool runs
-from several sweeps, so a cell is defined by what ran, never by which sweep ran it:
+Runs are :class:`experiments.tables.collect.Run` values (from its :func:`collect`). The tables
+pool runs from several sweeps, so a cell is defined by what ran, never by which sweep ran it:
 
 - :func:`method_of`: a run's named method; a plain loss x margin run counts as the method whose
   definition it is (``losses.METHODS``: logistic x difference at beta 0.1 is ``dpo``, hinge x
   balanced at alpha 0.3 is ``bpo``), so the ablation's cells fill the methods and scale tables.
 - :func:`size_of`: the tiny model's architecture (hidden size, layers), from the run's config.
 - :func:`optimizer_of`: ``adamw`` or ``sgd``.
-- :func:`cell`: one :class:`experiments.tables.ablation.Cell` of a metric over runs, one run per
-seed.
+- :func:`cell`: one :class:`experiments.tables.collect.Cell` of a metric over runs, one run per
+  seed.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from experiments.tables.ablation import Cell, Run, collect_runs, fill_cell
+from experiments.tables.collect import Cell, Run, fill_cell
 
 __all__ = [
     "METRIC",
     "Size",
     "cell",
-    "collect",
     "group",
     "method_of",
     "optimizer_of",
@@ -37,15 +34,6 @@ __all__ = [
 
 #: the tables' metric: greedy accuracy on the task's held-out problems (a fraction in results.json)
 METRIC = "eval.accuracy"
-
-
-def collect(dirs: Iterable[str | os.PathLike]) -> list[Run]:
-    """The runs under every directory of ``dirs`` that exists (a table pools several sweeps)."""
-    runs: list[Run] = []
-    for d in dirs:
-        if Path(d).is_dir():
-            runs += collect_runs(d)
-    return runs
 
 
 def _close(a: float | None, b: float | None) -> bool:

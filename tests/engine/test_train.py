@@ -160,9 +160,11 @@ def test_run_directory_contents(metrics_rows, tmp_path, train_run, pair_files):
     assert on_disk["world_size"] == 1 and on_disk["wall_seconds"] > 0
     # the wall time's split by phase: every phase booked, none negative, none beyond the total
     timings = on_disk["timings"]
-    assert set(timings) == {"startup_s", "reference_s", "train_s", "eval_s", "export_s"}
+    phases = {"startup_s", "reference_s", "train_s", "eval_s", "diagnostics_s", "export_s"}
+    assert set(timings) == phases
     assert all(v >= 0 for v in timings.values()), timings
     assert timings["eval_s"] > 0 and timings["train_s"] > 0 and timings["reference_s"] > 0
+    assert timings["diagnostics_s"] > 0  # the gradient weights of the logged steps
     assert sum(timings.values()) <= on_disk["wall_seconds"] + 1e-3
     for key in RESULT_TRAIN_KEYS:
         assert on_disk["train"][key] == trains[-1][f"train/{key}"], key

@@ -1,4 +1,6 @@
-"""Tests for experiments.tables.ablation on a fake Hydra multirun sweep built in tmp_path.
+"""The ablation table (experiments.tables.ablation), the collector it reads runs through
+(experiments.tables.collect), the cell formatting (experiments.tables.formatting) and ``python -m
+experiments.tables ablation``, on a fake Hydra multirun sweep built in tmp_path.
 
 The fake sweep (nested like Hydra's `<sweep>/<date>/<time>/<job>`) has the six paper losses x
 {difference, balanced@0.3} x seeds {1, 2}, with eval.accuracy (for loss index i, seed s):
@@ -26,13 +28,10 @@ import pytest
 import yaml
 
 from experiments.tables import ablation
-from experiments.tables.ablation import (
-    AblationError,
-    build_tables,
-    collect_runs,
-    main,
-    write_report,
-)
+from experiments.tables.__main__ import main
+from experiments.tables.ablation import build_tables, write_report
+from experiments.tables.collect import TableError, collect_runs
+from experiments.tables.formatting import format_cell, format_gain
 from experiments.tables.stats import paired_gain, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +59,7 @@ class Sweep:
         status: str = "finished",
         eval_metrics: dict | None = None,
         metrics_tail: str = "",
+        beta: float = 0.1,
     ) -> Path:
         d = self.root / "2025-01-01" / "12-00-00" / str(self.n)
         self.n += 1
@@ -67,7 +67,7 @@ class Sweep:
         cfg = {
             "loss": {"name": loss},
             "margin": {"name": margin, "alpha": alpha},
-            "beta": 0.1,
+            "beta": beta,
             "seed": seed,
             "method": {"name": method},
             "trainer": {"max_steps": 50, "out": "${hydra:runtime.output_dir}"},
@@ -96,7 +96,7 @@ class Sweep:
             "loss": loss,
             "margin": margin,
             "method": method,
-            "beta": 0.1,
+            "beta": beta,
             "alpha": alpha,
             "seed": seed,
             "steps": 50,
@@ -214,7 +214,7 @@ def test_invalid_results_json_counts_as_failed_naming_the_file(sweep: Path) -> N
 
 @pytest.mark.parametrize("make", [lambda p: p / "nope", lambda p: p])
 def test_missing_or_empty_sweep_dir_is_a_clear_error(tmp_path: Path, make) -> None:
-    with pytest.raises(AblationError, match=r"does not exist|no runs found"):
+    with pytest.raises(TableError, match=r"does not exist|no runs found"):
         collect_runs(make(tmp_path))
 
 
@@ -231,20 +231,20 @@ def test_main_table_values_layout_and_gain(sweep: Path) -> None:
     d, b = hinge.difference.summary, hinge.balanced.summary
     assert (d.mean, d.std, d.n) == (pytest.approx(42.0), pytest.approx(math.sqrt(2)), 2)
     assert (b.mean, b.std, b.n) == (pytest.approx(46.5), pytest.approx(math.sqrt(4.5)), 2)
-    assert ablation.format_cell(hinge.difference, True) == "42.0 ± 1.4 (n=2)"
+    assert format_cell(hinge.difference, True) == "42.0 ± 1.4 (n=2)"
     g = hinge.gain
     assert g.n == 2 and g.mean == pytest.approx(4.5)
     assert g.ci_low == pytest.approx(4.5 - 12.706 * 0.5, abs=1e-3)
     assert g.ci_high == pytest.approx(4.5 + 12.706 * 0.5, abs=1e-3)
-    assert ablation.format_gain(g, True) == "+4.5 [-1.9, +10.9] (n=2)"
+    assert format_gain(g, True) == "+4.5 [-1.9, +10.9] (n=2)"
 
 
 def test_failed_missing_partial_incomplete_markers(sweep: Path) -> None:
     t = build_tables(collect_runs(sweep))
     by = {r.loss: r for r in t.rows}
-    fmt = ablation.format_cell
+    fmt = format_cell
     assert fmt(by["savage"].balanced, True) == "failed (2)"
-    assert ablation.format_gain(by["savage"].gain, True) == "-"
+    assert format_gain(by["savage"].gain, True) == "-"
     assert fmt(by["truncated_quadratic"].balanced, True) == "missing"
     assert fmt(by["exponential"].difference, True) == "44.0 ± 1.4 (n=2, 1 failed)"
     assert fmt(by["squared"].balanced, True).endswith("(n=2, 1 incomplete)")
@@ -258,7 +258,7 @@ def test_alpha_choice(sweep: Path) -> None:
     assert t.alpha == 0.5 and t.alphas == [0.1, 0.3, 0.5]
     assert t.rows[1].balanced.summary.mean == pytest.approx(48.5)
     assert t.rows[0].balanced.empty  # logistic has no alpha 0.5
-    with pytest.raises(AblationError, match=r"0\.7.*alphas found"):
+    with pytest.raises(TableError, match=r"0\.7.*alphas found"):
         build_tables(runs, alpha=0.7)
     # Without 0.3 the most common alpha is picked (0.1 and 0.5 tie -> smallest).
     no_03 = [r for r in runs if not (r.margin == "balanced" and r.alpha == 0.3)]
@@ -266,7 +266,7 @@ def test_alpha_choice(sweep: Path) -> None:
 
 
 def test_bad_metric_names_key_and_available_keys(sweep: Path) -> None:
-    with pytest.raises(AblationError) as e:
+    with pytest.raises(TableError) as e:
         build_tables(collect_runs(sweep), metric="eval.acuracy")
     msg = str(e.value)
     assert "eval.acuracy" in msg and "eval.accuracy" in msg and "train.reward_accuracy" in msg
@@ -322,23 +322,47 @@ def test_write_report_files(sweep: Path, tmp_path: Path) -> None:
 def test_cli_main_and_default_out_dir(sweep: Path, capsys) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main([str(sweep), "--metric", "eval.reward_accuracy", "--alpha", "0.1"]) == 0
-    md = (sweep / "ablation" / "ablation.md").read_text()
+        argv = ["ablation", str(sweep), "--metric", "eval.reward_accuracy", "--alpha", "0.1"]
+        assert main(argv) == 0
+    md = (sweep / "ablation-report" / "ablation.md").read_text()
     assert "# Ablation: eval.reward_accuracy (%)" in md and "alpha=0.1" in md
-    assert "# Ablation" in capsys.readouterr().out
-    assert main([str(sweep), "--metric", "nope.key"]) == 2
+    assert "# Convergence" in md and "# Cost per run" in md  # the table's whole report
+    out, err = capsys.readouterr()
+    assert "# Ablation" in out and f"reading {sweep}: one sweep" in err
+    assert main(["ablation", str(sweep), "--metric", "nope.key"]) == 2
     err = capsys.readouterr().err
     assert "nope.key" in err and "eval.accuracy" in err
 
 
+def test_beta_option_keeps_only_its_runs(sweep: Path, tmp_path: Path) -> None:
+    """A hinge x difference run at beta 0.2 joins the two at 0.1: --beta 0.1 leaves it out of the
+    table and of the convergence section alike."""
+    Sweep(sweep, first_job=100).job("hinge", "difference", 3, beta=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["ablation", str(sweep), "--out", str(tmp_path / "all")]) == 0
+        assert main(["ablation", str(sweep), "--beta", "0.1", "--out", str(tmp_path / "b")]) == 0
+        assert main(["ablation", str(sweep), "--beta", "0.3", "--out", str(tmp_path / "c")]) == 2
+    pooled = (tmp_path / "all" / "ablation.md").read_text()
+    assert (
+        "several beta values are pooled" in pooled
+        and "| hinge / difference | never | 0/3 |" in pooled
+    )
+    md = (tmp_path / "b" / "ablation.md").read_text()
+    assert "beta = 0.1" in md and "| hinge / difference | never | 0/2 |" in md
+    assert "| hinge | SLiC | 42.0 ± 1.4 (n=2) |" in md
+
+
 def test_cli_subprocess(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "experiments.tables.ablation", str(sweep), "--out", str(out)]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "experiments.tables", "ablation"]
+    res = subprocess.run(
+        [*command, str(sweep), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert (out / "ablation.csv").is_file() and "| hinge | SLiC |" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "experiments.tables.ablation", str(tmp_path / "none")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*command, str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and "does not exist" in res.stderr

@@ -1,16 +1,16 @@
 """The benchmark harness's logic, without running a benchmark: data, tokenization, order, FLOPs,
-the statistics and the report (``experiments/bench*.py``)."""
+the statistics, the plan and the report (``experiments/bench/``)."""
 
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from experiments.bench import synthetic as bench_setup
 from experiments.bench import throughput as bench
+from experiments.bench import variants
 from experiments.bench.report import Measurement, render_report, summarize, targets
-from experiments.bench.synthetic import EOS_ID, ModelSize, PairSpec
-
-TINY = ModelSize(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, vocab_size=50)
+from experiments.bench.synthetic import EOS_ID, PairSpec
 
 
 def test_synthetic_pairs_are_seeded_and_in_range():
@@ -47,13 +47,13 @@ def test_text_rows_tokenize_back_to_the_ids_for_both_trainers(tmp_path):
         assert prompt_ids == want["prompt"] and full[len(prompt_ids) :] == want["chosen"]
 
 
-def test_pair_flops_by_hand():
+def test_pair_flops_by_hand(bench_size):
     pair = {"prompt": [5] * 3, "chosen": [6, EOS_ID], "rejected": [EOS_ID]}
     body = 2 * (4 * 64 + 3 * 8 * 16 + 2 * 8) + 8  # two layers + final norm
     head = 50 * 8
     attention = 6 * 8 * 2 * (5 * 6 + 4 * 5)  # T = 5 and 4
     want = 6 * body * (2 * 3 + 2 + 1) + 6 * head * 3 + attention
-    assert bench_setup.pair_flops(pair, TINY) == want
+    assert bench_setup.pair_flops(pair, bench_size) == want
 
 
 def test_training_order_is_the_engines_and_covers_the_epoch():
@@ -68,22 +68,18 @@ def test_training_order_is_the_engines_and_covers_the_epoch():
     assert sorted(i for step in grouped for i in step) == list(range(12)) and grouped != order
 
 
-def _result(seconds: float, rss: float, **extra) -> dict:
-    return {"step_seconds": [9.0] + [seconds] * 2, "peak_rss_mb": rss, **extra}
-
-
-def test_measurements_medians_ratios_and_targets():
+def test_measurements_medians_ratios_and_targets(bench_size, worker_result):
     pairs = bench_setup.synthetic_pairs(6, PairSpec((2, 5), (2, 4)), 50)
     order = [[0, 1], [2, 3], [4, 5]]
     runs = [
-        ("ours", _result(0.5, 100)),
-        ("trl-default", _result(4.0, 400)),
-        ("trl-fast", _result(2.0, 300)),
-        ("ours", _result(1.0, 120)),
-        ("ours", _result(0.25, 110)),
-        ("trl-fast", _result(2.0, 300)),
+        ("ours", worker_result(0.5, 100)),
+        ("trl-default", worker_result(4.0, 400)),
+        ("trl-fast", worker_result(2.0, 300)),
+        ("ours", worker_result(1.0, 120)),
+        ("ours", worker_result(0.25, 110)),
+        ("trl-fast", worker_result(2.0, 300)),
     ]
-    measured = [Measurement.from_result(n, r, order, pairs, 1, TINY) for n, r in runs]
+    measured = [Measurement.from_result(n, r, order, pairs, 1, bench_size) for n, r in runs]
     first = measured[0]
     assert first.timed_pairs == 4 and first.timed_seconds == 1.0  # the warm-up step is left out
     tokens = sum(len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]) for i in (2, 3, 4, 5))
@@ -100,23 +96,24 @@ def test_measurements_medians_ratios_and_targets():
         "- peak memory <= trl-fast: 0.37x, met",
     ]
     with pytest.raises(ValueError, match="step times"):
-        Measurement.from_result("ours", _result(1.0, 1.0), order[:2], pairs, 1, TINY)
+        Measurement.from_result("ours", worker_result(1.0, 1.0), order[:2], pairs, 1, bench_size)
 
 
-def test_gpu_memory_wins_over_rss():
+def test_gpu_memory_wins_over_rss(bench_size, worker_result):
     pairs = bench_setup.synthetic_pairs(2, PairSpec((2, 5), (2, 4)), 50)
     m = Measurement.from_result(
-        "ours", _result(1.0, 100, peak_gpu_mb=7.0), [[0], [1], [0]], pairs, 1, TINY
+        "ours", worker_result(1.0, 100, peak_gpu_mb=7.0), [[0], [1], [0]], pairs, 1, bench_size
     )
     assert m.peak_memory_mb == 7.0
 
 
 def test_schedule_alternates_the_main_variants():
-    plan = bench.Plan(runs=2, ablation_runs=1)
-    order = [v.name for v in bench.schedule(plan, bench.MAIN, bench.ABLATIONS[:2])]
+    plan = variants.Plan(runs=2, ablation_runs=1)
+    order = [v.name for v in variants.schedule(plan, variants.MAIN, variants.ABLATIONS[:2])]
     assert order[:6] == ["ours", "trl-default", "trl-fast"] * 2
-    assert order[6:] == [v.name for v in bench.ABLATIONS[:2]]
-    assert len(bench.schedule(bench.Plan(ablations=False), bench.MAIN, bench.ABLATIONS)) == 9
+    assert order[6:] == [v.name for v in variants.ABLATIONS[:2]]
+    no_switches = variants.Plan(ablations=False)
+    assert len(variants.schedule(no_switches, variants.MAIN, variants.ABLATIONS)) == 9
 
 
 def test_quick_plan_and_overrides():
@@ -127,34 +124,36 @@ def test_quick_plan_and_overrides():
         bench.make_plan(bench.parse_args(["--runs", "0"]))
 
 
-def test_every_ablation_composes_with_the_engine_config():
+def test_every_ablation_composes_with_the_engine_config(bench_spec):
     """A renamed switch in conf/trainer/default.yaml must not silently break the bench."""
     from experiments.bench.worker import compose_ours, ours_overrides
 
-    spec = {
-        "model_dir": "/m",
-        "train_file": "/t.jsonl",
-        "dtype": "float32",
-        "max_length": 64,
-        "beta": 0.1,
-        "seed": 0,
-        "run_dir": "/r",
-        "steps": 3,
-        "micro_batch": 2,
-        "lr": 1e-5,
-    }
-    for variant in (*bench.MAIN, *bench.ABLATIONS):
+    for variant in (*variants.MAIN, *variants.ABLATIONS):
         if variant.kind == "ours":
-            cfg = compose_ours(ours_overrides({**spec, "overrides": list(variant.overrides)}))
+            cfg = compose_ours(ours_overrides(bench_spec(variant)))
             assert cfg.trainer.micro_batch_size == 2 and cfg.trainer.log_every == 1
+            assert cfg.trainer.max_steps == 3 and cfg.data.max_length == 64
             assert cfg.model.name_or_path == "/m" and cfg.deepspeed.zero_optimization.stage == 0
+            for override in variant.overrides:  # the switch itself reached the config
+                key, value = override.split("=", 1)
+                assert str(OmegaConf.select(cfg, key)).lower() == value, override
 
 
-def test_report_renders(tmp_path):
+def test_the_run_spec_carries_the_plan_and_the_variant():
+    plan = variants.Plan(micro_batch=3, warmup=1, steps=4, lr=2e-5, threads=2)
+    trl = next(v for v in variants.MAIN if v.name == "trl-fast")
+    spec = plan.run_spec(trl, "/model", "/pairs.jsonl", "/run")
+    assert (spec["kind"], spec["steps"], spec["micro_batch"]) == ("trl", 5, 3)
+    assert (spec["lr"], spec["threads"], spec["model_dir"]) == (2e-5, 2, "/model")
+    assert spec["trl"] == trl.trl and spec["overrides"] == [] and spec["peft"] == {}
+    assert "threads" not in variants.Plan().run_spec(trl, "/m", "/t", "/r")
+
+
+def test_report_renders(tmp_path, bench_size, worker_result, report_context):
     pairs = bench_setup.synthetic_pairs(4, PairSpec((2, 5), (2, 4)), 50)
     order = [[0, 1], [2, 3], [0, 1]]
     measured = [
-        Measurement.from_result(name, _result(s, m), order, pairs, 1, TINY)
+        Measurement.from_result(name, worker_result(s, m), order, pairs, 1, bench_size)
         for name, s, m in [
             ("ours", 1.0, 100),
             ("trl-default", 3.0, 300),
@@ -162,19 +161,9 @@ def test_report_renders(tmp_path):
             ("ours padding_free=false", 1.5, 110),
         ]
     ]
-    context = {
-        "command": "python -m experiments.bench --quick",
-        "date": "today",
-        "machine": bench.machine_info(),
-        "load_before": "0.1",
-        "load_after": "0.2",
-        "minutes": 1.0,
-        "peak_gflops": 100.0,
-        "plan": bench.Plan(),
-        "size": TINY,
-        "quick": True,
-        "trl_state": {"trl-fast": {"gradient_checkpointing": False}},
-    }
+    context = report_context(
+        machine=bench.machine_info(), trl_state={"trl-fast": {"gradient_checkpointing": False}}
+    )
     text = render_report(summarize(measured, 100.0), context)
     assert "| ours | 2.00 | 3.00x | 2.00x |" in text
     assert "| ours padding_free=false | 1.33 | 0.67x |" in text  # same pairs: MFU ratio = pairs/s

@@ -1,6 +1,5 @@
-"""The bench's adapter rows (experiments.bench.throughput.ADAPTERS): ours with LoRA / QLoRA against
-TRL with
-the same peft ``LoraConfig``. What can be checked without running them: the rows' names and
+"""The bench's adapter rows (experiments.bench.variants.ADAPTERS): ours with LoRA / QLoRA against
+TRL with the same peft ``LoraConfig``. What can be checked without running them: the rows' names and
 configs, the model they share, and the report section. ``python -m experiments.bench --quick``
 runs them for real."""
 
@@ -15,6 +14,7 @@ from engine.model.adapters import (
 )
 from experiments.bench import synthetic as bench_setup
 from experiments.bench import throughput as bench
+from experiments.bench import variants
 from experiments.bench.report import (
     ADAPTER_BASELINES,
     ADAPTER_ROWS,
@@ -24,44 +24,29 @@ from experiments.bench.report import (
 )
 from experiments.bench.worker import compose_ours, ours_overrides
 
-from .test_bench import TINY, _result
-
-SPEC = {
-    "model_dir": "/m",
-    "train_file": "/t.jsonl",
-    "dtype": "float32",
-    "max_length": 64,
-    "beta": 0.1,
-    "seed": 0,
-    "run_dir": "/r",
-    "steps": 3,
-    "micro_batch": 2,
-    "lr": 1e-5,
-}
-
 
 def test_the_adapter_rows_are_the_reports():
-    assert tuple(v.name for v in bench.ADAPTERS) == ADAPTER_ROWS
+    assert tuple(v.name for v in variants.ADAPTERS) == ADAPTER_ROWS
     assert set(ADAPTER_BASELINES) | set(ADAPTER_BASELINES.values()) <= set(ADAPTER_ROWS)
 
 
 @pytest.mark.parametrize("name", sorted(bench_setup.SIZES))
 def test_the_adapter_model_fits_the_cpu_4bit_kernels(name):
     size = bench_setup.SIZES[name]
-    adapted = bench.adapter_size(size)
+    adapted = variants.adapter_size(size)
     assert adapted.intermediate_size >= size.intermediate_size
-    assert adapted.intermediate_size - size.intermediate_size < bench.ADAPTER_WIDTH_MULTIPLE
+    assert adapted.intermediate_size - size.intermediate_size < variants.ADAPTER_WIDTH_MULTIPLE
     for width in (adapted.hidden_size, adapted.intermediate_size):
         assert width % CPU_4BIT_IN_MULTIPLE == 0 and width % CPU_4BIT_OUT_MULTIPLE == 0
     assert (adapted.hidden_size, adapted.num_layers) == (size.hidden_size, size.num_layers)
 
 
-def test_ours_and_trl_get_the_same_lora():
+def test_ours_and_trl_get_the_same_lora(bench_spec):
     """TRL's peft_config and the engine's model.lora describe one LoraConfig; QLoRA adds the
     same quantization on both sides."""
-    by_name = {v.name: v for v in bench.ADAPTERS}
+    by_name = {v.name: v for v in variants.ADAPTERS}
     for ours, trl in ADAPTER_BASELINES.items():
-        cfg = compose_ours(ours_overrides({**SPEC, "overrides": list(by_name[ours].overrides)}))
+        cfg = compose_ours(ours_overrides(bench_spec(by_name[ours])))
         validate_adapter_config(cfg.model, cfg.deepspeed)
         lora, peft = cfg.model.lora, by_name[trl].peft
         assert (lora.r, lora.alpha, lora.dropout) == (
@@ -72,7 +57,7 @@ def test_ours_and_trl_get_the_same_lora():
         assert list(lora.target_modules) == peft["target_modules"]
         assert cfg.model.quantization == by_name[trl].quantization
         assert by_name[trl].trl == by_name["trl lora"].trl  # both with trl-fast's settings
-    full = compose_ours(ours_overrides({**SPEC, "overrides": []}))
+    full = compose_ours(ours_overrides(bench_spec(by_name["ours full"])))
     assert full.model.lora.r is None and full.model.quantization is None
 
 
@@ -81,7 +66,7 @@ def test_plans_include_the_adapter_rows_unless_asked_not_to():
     assert not bench.make_plan(bench.parse_args(["--no-adapters"])).adapters
 
 
-def test_report_has_the_adapter_section():
+def test_report_has_the_adapter_section(bench_size, worker_result, report_context):
     pairs = bench_setup.synthetic_pairs(4, bench_setup.PairSpec((2, 5), (2, 4)), 50)
     order = [[0, 1], [2, 3], [0, 1]]
     timings = [
@@ -95,23 +80,10 @@ def test_report_has_the_adapter_section():
         ("trl qlora", 4.0, 80),
     ]
     measured = [
-        Measurement.from_result(name, _result(s, m), order, pairs, 1, TINY)
+        Measurement.from_result(name, worker_result(s, m), order, pairs, 1, bench_size)
         for name, s, m in timings
     ]
-    context = {
-        "command": "python -m experiments.bench --quick",
-        "date": "today",
-        "machine": bench.machine_info(),
-        "load_before": "0.1",
-        "load_after": "0.2",
-        "minutes": 1.0,
-        "peak_gflops": 100.0,
-        "plan": bench.Plan(),
-        "size": TINY,
-        "adapter_size": bench.adapter_size(TINY),
-        "quick": True,
-        "trl_state": {},
-    }
+    context = report_context()
     text = render_report(summarize(measured, 100.0), context)
     assert "## Adapters: LoRA and QLoRA, ours vs TRL with the same peft LoraConfig" in text
     # ours lora: 2 pairs/s vs TRL's 1 -> 2.00x; memory 200 vs 250 -> 0.80x; vs full 0.50x

@@ -61,7 +61,8 @@ def test_reproduce_one_tiny_cell(tmp_path, tiny_task_overrides):
     assert "# Convergence" in md and "# Cost per run" in md and "## Provenance" in md
     run = next((tmp_path / "sweeps" / "methods").rglob("results.json"))
     results = json.loads(run.read_text())
-    assert set(results["timings"]) == {"startup_s", "reference_s", "train_s", "eval_s", "export_s"}
+    phases = ("startup", "reference", "train", "eval", "diagnostics", "export")
+    assert set(results["timings"]) == {f"{phase}_s" for phase in phases}
     curve = [json.loads(line) for line in (run.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve if "eval/accuracy" in r] == [2, 4]
     costs = (table / "costs.csv").read_text().splitlines()

@@ -1,5 +1,5 @@
 """Sweeps end to end, as a user runs them: ``python -m engine.train -m ...`` in a subprocess, then
-``python -m experiments.tables.ablation <sweep dir>``, on the tiny model and a tiny arithmetic pair
+``python -m experiments.tables ablation <sweep dir>``, on the tiny model and a tiny arithmetic pair
 file.
 
 Covers: a 2-cell sweep and its table and plots; a sweep with a crashing job (the other job still
@@ -82,7 +82,7 @@ def jobs(sweep_dir: Path, *keys: str) -> dict[str, Path]:
 
 def collect(sweep_dir: Path, out: Path, *options: str) -> tuple[str, dict[str, dict[str, str]]]:
     """Run the collector CLI; return ablation.md and the CSV rows by loss."""
-    result = run("-m", "experiments.tables.ablation", str(sweep_dir), "--out", str(out), *options)
+    result = run("-m", "experiments.tables", "ablation", str(sweep_dir), f"--out={out}", *options)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "ablation.csv", newline="") as f:
         rows = {row["loss"]: row for row in csv.DictReader(f)}

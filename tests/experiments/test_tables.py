@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from experiments.tables import convergence, costs, hypothesis, methods, plan, scale
+from experiments.tables.__main__ import main
+from experiments.tables.collect import Sweeps, TableError, collect
 from experiments.tables.report import write_table
-from experiments.tables.select import collect, method_of, size_of
+from experiments.tables.select import method_of, size_of
 
 DPO = {0: 0.40, 1: 0.42, 2: 0.44}
 BPO = {0: 0.50, 1: 0.51, 2: 0.52}
@@ -228,6 +230,17 @@ def test_costs_sum_each_phase_over_runs(root):
     assert "| **share** |  | 16% | 8% | 48% | 24% | 4% |" in md
 
 
+def test_costs_count_the_diagnostics_as_training(tmp_path):
+    """results.json books the gradient-weight diagnostics apart (``diagnostics_s``); the cost
+    table's ``train`` is the steps' whole time, so they are added back."""
+    run_dir = fake_run(tmp_path / "run", seed=0, accuracy=0.5)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["timings"] = {**TIMINGS, "train_s": 5.75, "diagnostics_s": 0.25}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    sums, n = costs.totals(collect([run_dir]))
+    assert n == 1 and sums["train"] == pytest.approx(6.0) and sums["eval"] == 3.0
+
+
 def test_hypothesis_compares_the_optimizers_cells(root):
     table = hypothesis.build(collect([root / "ablation", root / "hypothesis"]))
     cells = {(c.optimizer, c.loss): c for c in table.cells}
@@ -283,3 +296,32 @@ def test_plan_runs_each_cell_once():
 def test_size_of_reads_the_tiny_architecture(root):
     runs = collect([root / "scale"])
     assert {size_of(r).label for r in runs} == {"hidden 64, 3 layers"}
+
+
+def test_a_sweep_root_and_one_sweep_are_told_apart(root, tmp_path):
+    """make reproduce's root reads the table's folders; one of its folders, or a sweep of one's
+    own, is one sweep whose every run counts."""
+    found = Sweeps.find(root)
+    assert found.is_root and found.dirs("methods") == [root / "ablation", root / "methods"]
+    # ablation/ holds ablation/, ablation_control/ and ablation_alpha/: one sweep, not a root
+    inner = Sweeps.find(root / "ablation")
+    assert not inner.is_root and inner.dirs("ablation") == [root / "ablation"]
+    assert len(inner.runs("ablation")) == 18  # the three sweeps' 6 runs per seed
+    assert not Sweeps.find(root / "methods").is_root
+    with pytest.raises(TableError, match="does not exist"):
+        Sweeps.find(tmp_path / "nope")
+
+
+def test_one_command_writes_every_table_from_a_root_or_one_sweep(root, tmp_path, capsys):
+    for name in ("ablation", "methods", "scale", "hypothesis"):
+        assert main([name, str(root), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name / f"{name}.md").is_file()
+        assert f"reading {root}: a sweep root" in capsys.readouterr().err
+    # the methods sweep alone: its runs only (no dpo from the ablation), default out inside it
+    assert main(["methods", str(root / "methods")]) == 0
+    md = (root / "methods" / "methods-report" / "methods.md").read_text()
+    assert "| ipo |" in md and "| dpo | logistic x difference | 41.0 | 99.0 (n=1) |" in md
+    # the ablation's options belong to the ablation
+    with pytest.raises(SystemExit) as error:
+        main(["methods", str(root), "--metric", "eval.accuracy"])
+    assert error.value.code == 2

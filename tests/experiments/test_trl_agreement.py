@@ -26,6 +26,7 @@ import pytest
 from experiments.bench import synthetic as bench_setup
 from experiments.bench import throughput as bench
 from experiments.bench.synthetic import ModelSize, PairSpec
+from experiments.bench.variants import Plan, Variant
 from losses import METHODS
 
 pytest.importorskip("trl")
@@ -83,44 +84,28 @@ def runs(tmp_path_factory) -> dict[str, dict[str, list[dict]]]:
         STEPS * MICRO_BATCH, PairSpec(prompt=(3, 6), response=(2, 6), seed=3), TINY.vocab_size
     )
     train_file = bench_setup.write_pairs(workdir / "train.jsonl", pairs)
-    trainer = bench.trainer_settings(bench.Plan(micro_batch=MICRO_BATCH), [])
+    # lr 1e-3: large enough that five steps move the rewards well away from 0
+    plan = Plan(
+        micro_batch=MICRO_BATCH, warmup=0, steps=STEPS, max_length=MAX_LENGTH, lr=1e-3, threads=2
+    )
+    trainer = bench.trainer_settings(plan, [])
     order = bench_setup.training_order(pairs, trainer, STEPS, seed=0)
     trl_file = bench_setup.write_pairs(
         workdir / "train_trl.jsonl", [pairs[i] for step in order for i in step]
     )
-    shared = {
-        "model_dir": str(model_dir),
-        "dtype": "float32",
-        "max_length": MAX_LENGTH,
-        "beta": 0.1,
-        "seed": 0,
-        "steps": STEPS,
-        "micro_batch": MICRO_BATCH,
-        "lr": 1e-3,  # large enough that five steps move the rewards well away from 0
-        "threads": 2,
-    }
+    fast = {"precompute_ref_log_probs": True, "gradient_checkpointing": False}
     results: dict[str, dict[str, list[dict]]] = {case["name"]: {} for case in CASES}
     for kind, data in (("ours", train_file), ("trl", trl_file)):
-        spec = {
-            **shared,
-            "kind": kind,
-            "run_dir": str(workdir / kind),
-            "runs": [
-                {
-                    **shared,
-                    "kind": kind,
-                    "train_file": str(data),
-                    "run_dir": str(workdir / kind / case["name"]),
-                    "overrides": case["overrides"],
-                    "trl": {
-                        "precompute_ref_log_probs": True,
-                        "gradient_checkpointing": False,
-                        **case["trl"],
-                    },
-                }
-                for case in CASES
-            ],
-        }
+        runs = [
+            plan.run_spec(
+                Variant(case["name"], kind, tuple(case["overrides"]), {**fast, **case["trl"]}),
+                model_dir,
+                data,
+                workdir / kind / case["name"],
+            )
+            for case in CASES
+        ]
+        spec = {"threads": plan.threads, "run_dir": str(workdir / kind), "runs": runs}
         outputs = bench.run_one(spec, workdir, kind, timeout=900)
         for case, output in zip(CASES, outputs, strict=True):
             results[case["name"]][kind] = output["step_metrics"]
