@@ -44,6 +44,7 @@ from engine.run_state import RunState, find_resume_step
 from engine.runtime import distributed as dist_utils
 from engine.runtime.fileio import atomic_write_json
 from engine.runtime.launch import chosen_output_dir, hydra_entry, resolve_output_dir
+from engine.runtime.machine import machine_info
 from engine.runtime.preemption import Preempted, exit_preempted
 from engine.runtime.timing import PhaseClock
 from engine.tracking import MetricsLogger
@@ -218,9 +219,10 @@ def _results(
     timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``results.json``: the objective, the run's size and time (and its split by phase,
+    """``results.json``: the objective, the run's size and time (and its split by phase,
     ``timings``: startup, reference, train, eval, diagnostics, export seconds), the last logged
-    train and eval means, how the data loaded, and the data source's own sections (the task's
-    ``sft``)."""
+    train and eval means, how the data loaded, the machine (numbers differ between CPUs:
+    ``machine``), and the data source's own sections (the task's ``sft``)."""
     results: dict[str, Any] = {
         "loss": cfg.loss.name,
         "margin": cfg.margin.name,
@@ -235,6 +237,7 @@ def _results(
         "train": {k.split("/", 1)[1]: v for k, v in state.last_train.items()},
         "eval": _nested({k.split("/", 1)[1]: v for k, v in state.last_eval.items()}),
         "data": data.reports(),
+        "machine": machine_info(),
     }
     results.update(data.extra_results)
     return results

@@ -36,13 +36,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.loading import write_jsonl
 from engine.runtime.fileio import atomic_write_json
+from engine.runtime.machine import machine_info
 from engine.task.arithmetic import Problem, split_problems
 from engine.task.sampling import MAX_NEW_TOKENS, greedy_accuracy, task_pairs
 
 log = logging.getLogger(__name__)
 
-#: bump when the format of the cached assets changes, so old caches are not reused
-CACHE_VERSION = 1
+#: bump when the cached assets change for the same settings (their format, or how they are made),
+#: so old caches are not reused. 2: the SFT checkpoint closest to the band's middle, bisected
+#: (engine/task/sft.py), instead of the first check inside the band
+CACHE_VERSION = 2
 COMPLETE = "COMPLETE"
 
 
@@ -202,9 +205,12 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
     held_out = greedy_accuracy(model, tokenizer, sets["eval"], max_new_tokens=MAX_NEW_TOKENS)
     sft_summary["accuracy"] = held_out["accuracy"]
     sft_summary["accuracy_stderr"] = held_out["accuracy_stderr"]
+    # the SFT model (its chosen step, accuracies, and so the pairs) depends on the CPU's kernels
+    sft_summary["built_on"] = machine_info()
     print(
-        f"[task] SFT model: step {sft_summary['chosen_step']}, held-out greedy accuracy "
-        f"{held_out['accuracy']:.3f} +- {held_out['accuracy_stderr']:.3f}",
+        f"[task] SFT model: step {sft_summary['chosen_step']} (validation accuracy "
+        f"{sft_summary['val_accuracy']:.3f}, band {sft_summary['band']}), held-out greedy "
+        f"accuracy {held_out['accuracy']:.3f} +- {held_out['accuracy_stderr']:.3f}",
         flush=True,
     )
     model.save_pretrained(work / "sft_model", safe_serialization=True)

@@ -156,18 +156,23 @@ def test_two_processes_with_lora_match_one(
 #: the passes run so far; a resumed run skips the reference pass, and its losses drift from the
 #: uninterrupted run's by ~1e-4 relative (measured at the default lr). LoRA resumes bit for bit.
 #: Rewards are beta x (policy - reference) of sums of hundreds of nats: such a drift moves them by
-#: ~1e-3 absolute, and flips reward signs; QLoRA compares the losses and log-probs only.
+#: ~1e-3 absolute, and flips reward signs, so the fractions of pairs on one side of a threshold
+#: (reward accuracy, chosen reward below zero, chosen below the reference: over 2 pairs, one flip
+#: is 0.5) move by whole pairs; QLoRA compares the losses, log-probs and gradient weights only.
 RESUME_TOLERANCE = {None: (0.0, 0.0), "4bit": (1e-3, 1e-3)}
-REWARD_METRICS = tuple(
-    f"{split}/{name}"
-    for split in ("train", "eval")
-    for name in (
-        "reward_accuracy",
-        "chosen_reward_below_zero",
-        "chosen_reward",
-        "rejected_reward",
-        "margin",
-    )
+REWARD_METRICS = (
+    *(
+        f"{split}/{name}"
+        for split in ("train", "eval")
+        for name in (
+            "reward_accuracy",
+            "chosen_reward_below_zero",
+            "chosen_reward",
+            "rejected_reward",
+            "margin",
+        )
+    ),
+    "train/chosen_below_reference",  # the gradient-weight diagnostics' sign fraction
 )
 
 

@@ -73,6 +73,13 @@ def test_vllm_backend_matches_hf_greedy(tmp_path) -> None:
     config = OmegaConf.create(TINY)
     tokenizer = load_tokenizer(config)
     model = load_model(config, tokenizer, seed=0)
+    # peaked weights (as tests/engine/task/test_generation.py's): an untrained model's logits are
+    # nearly flat, and two engines' rounding flips near-tied argmaxes; these sit far from a tie
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     prompts = ["1+1=", "12+30=", "99-9="]

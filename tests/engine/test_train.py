@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from engine.config import ConfigError
 from engine.data.loading import BadRowError
+from engine.runtime.machine import machine_info
 from engine.train import _summary_line, train
 from losses import LOSSES, MARGINS
 
@@ -158,6 +159,12 @@ def test_run_directory_contents(metrics_rows, tmp_path, train_run, pair_files):
         3,
     )
     assert on_disk["world_size"] == 1 and on_disk["wall_seconds"] > 0
+    # the machine, so that numbers from different CPUs can be told apart
+    here = machine_info()
+    assert on_disk["machine"].keys() == here.keys()
+    assert {k: on_disk["machine"][k] for k in ("cpu", "cpu_id", "cpu_capability", "torch")} == {
+        k: here[k] for k in ("cpu", "cpu_id", "cpu_capability", "torch")
+    }
     # the wall time's split by phase: every phase booked, none negative, none beyond the total
     timings = on_disk["timings"]
     phases = {"startup_s", "reference_s", "train_s", "eval_s", "diagnostics_s", "export_s"}

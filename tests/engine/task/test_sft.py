@@ -1,10 +1,17 @@
-"""Tests for the SFT stage: it trains, and keeps the first checkpoint in the accuracy band (else
-the closest one), with the model left at that checkpoint's weights."""
+"""Tests for the SFT stage: it trains, checks every ``eval_every`` steps until a check reaches the
+band's middle, bisects the last interval by replaying its steps, and keeps the evaluated
+checkpoint closest to the middle, with the model left at that checkpoint's weights.
+
+Scripted accuracies are functions of the step. The step a model is at is read off its weights:
+a first run of the same seed, checked at every step, records the weights of every step, so a
+replayed step is recognized only if the replay gave the same weights bit for bit."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import pytest
 import torch
 
 from engine.task.arithmetic import Problem, solution, split_problems
@@ -12,23 +19,6 @@ from engine.task.sampling import greedy_accuracy
 from engine.task.sft import encode_example, train_sft
 
 TRAIN, VAL = split_problems(200, 8, seed=0, min_digits=1, max_digits=2)
-
-
-class ScriptedAccuracy:
-    """A ``val_accuracy`` returning scripted values, snapshotting the weights at each call."""
-
-    def __init__(self, values: list[float]) -> None:
-        self.values = list(values)
-        self.snapshots: list[dict[str, torch.Tensor]] = []
-
-    def __call__(self, model) -> float:
-        assert model.training  # called mid-training; train_sft puts the model back in eval/train
-        self.snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-        return self.values[len(self.snapshots) - 1]
-
-
-def _same_weights(model, snapshot: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
 
 def _sft(model, tokenizer, val_accuracy, **overrides):
@@ -45,6 +35,51 @@ def _sft(model, tokenizer, val_accuracy, **overrides):
     return train_sft(model, tokenizer, TRAIN, val_accuracy, **options)
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(model, snapshot: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def trajectory(make_tiny_model, tokenizer) -> Callable[..., list[dict[str, torch.Tensor]]]:
+    """``trajectory(steps, seed=0)``: the weights after every step 0..steps of an SFT run of
+    ``make_tiny_model()`` (checked at every step, never reaching the band: no search). The LR
+    schedule depends on ``steps``: compare with runs of the same ``steps``."""
+
+    def record(steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        model = make_tiny_model()
+        weights = [_weights(model)]
+
+        def never(m) -> float:
+            weights.append(_weights(m))
+            return 0.0
+
+        _sft(model, tokenizer, never, steps=steps, eval_every=1, seed=seed)
+        assert len(weights) == steps + 1
+        return weights
+
+    return record
+
+
+class ScriptedAccuracy:
+    """``val_accuracy`` returning ``accuracy(step)``, the step read off the model's weights; it
+    records the steps it was asked about, in order."""
+
+    def __init__(self, weights: list[dict[str, torch.Tensor]], accuracy: Callable[[int], float]):
+        self.weights, self.accuracy = weights, accuracy
+        self.steps: list[int] = []
+
+    def __call__(self, model) -> float:
+        assert model.training  # called mid-training; train_sft gets the model back in train mode
+        matches = [s for s, w in enumerate(self.weights) if _same_weights(model, w)]
+        assert len(matches) == 1, f"weights of no recorded step (or of several): {matches}"
+        self.steps.append(matches[0])
+        return self.accuracy(matches[0])
+
+
 def test_encode_example_splits_prompt_and_solution(tokenizer) -> None:
     problem = Problem(47, 8, "+")
     prompt, response = encode_example(tokenizer, problem)
@@ -56,83 +91,141 @@ def test_encode_example_splits_prompt_and_solution(tokenizer) -> None:
     assert len(response) == len(solution(problem)) + 1  # one token per character, plus EOS
 
 
-def test_stops_at_the_first_checkpoint_in_the_band(make_tiny_model, tokenizer) -> None:
+def test_the_search_bisects_to_the_step_closest_to_the_middle(
+    make_tiny_model, tokenizer, trajectory
+) -> None:
+    """Accuracy step / 20 and the band [0.3, 0.6] (middle 0.45): checks at 4 (0.2) and 8 (0.4)
+    are below, 12 (0.6) reaches it; the bisection replays from step 8 to 10 (0.5, above), then
+    to 9 (0.45): step 9 is chosen, its weights those of step 9 in an uninterrupted run."""
+    weights = trajectory(16)
+    scripted = ScriptedAccuracy(weights, lambda step: step / 20)
     model = make_tiny_model()
-    # distances to [0.35, 0.6]: 0.25, 0.15, 0.1 (jumped over), then 0 at step 8: stop there
-    scripted = ScriptedAccuracy([0.1, 0.2, 0.7, 0.4, 0.5, 0.5])
-    summary = _sft(model, tokenizer, scripted, steps=12)
-    assert summary["chosen_step"] == 8
-    assert summary["val_accuracy"] == 0.4
+    summary = _sft(model, tokenizer, scripted, steps=16, eval_every=4, band=(0.3, 0.6))
+    assert scripted.steps == [4, 8, 12, 10, 9]  # no training, no check after the search
+    assert summary["chosen_step"] == 9 and summary["val_accuracy"] == 0.45
     assert summary["in_band"] is True
-    assert summary["band"] == [0.35, 0.60]
-    assert [h["step"] for h in summary["history"]] == [2, 4, 6, 8]
-    assert [h["val_accuracy"] for h in summary["history"]] == [0.1, 0.2, 0.7, 0.4]
-    assert len(scripted.snapshots) == 4  # no evaluation (and no training) after the band
-    assert _same_weights(model, scripted.snapshots[-1])
-    assert not _same_weights(model, scripted.snapshots[0])  # it did train
+    assert summary["band"] == [0.3, 0.6] and summary["target"] == pytest.approx(0.45)
+    assert summary["evaluations"] == 5
+    history = summary["history"]
+    assert [h["step"] for h in history] == [4, 8, 9, 10, 12]  # in step order
+    assert [h["search"] for h in history] == [False, False, True, True, False]
+    assert [h["val_accuracy"] for h in history] == [0.2, 0.4, 0.45, 0.5, 0.6]
+    assert all(h["loss"] > 0 for h in history)
+    assert _same_weights(model, weights[9])
 
 
-def test_band_edges_count_as_inside(make_tiny_model, tokenizer) -> None:
-    summary = _sft(make_tiny_model(), tokenizer, ScriptedAccuracy([0.2, 0.6]))
-    assert (summary["chosen_step"], summary["in_band"]) == (4, True)
-    summary = _sft(make_tiny_model(), tokenizer, ScriptedAccuracy([0.35]))
-    assert (summary["chosen_step"], summary["in_band"]) == (2, True)
-
-
-def test_outside_the_band_keeps_the_closest_checkpoint(make_tiny_model, tokenizer, caplog) -> None:
+def test_a_jump_over_the_band_is_searched_step_by_step(
+    make_tiny_model, tokenizer, trajectory
+) -> None:
+    """Accuracy 0.1 up to step 5, then 0.9 (a jump over the whole band between two checks): the
+    search narrows the jump to steps 5 and 6 and keeps the one closer to the middle, outside the
+    band, with a warning."""
+    weights = trajectory(8)
+    scripted = ScriptedAccuracy(weights, lambda step: 0.1 if step <= 5 else 0.9)
     model = make_tiny_model()
-    # distances 0.25, 0.1, 0.02, 0.3: step 6 is the closest, and not the last one
-    scripted = ScriptedAccuracy([0.1, 0.7, 0.62, 0.9])
+    summary = _sft(model, tokenizer, scripted, steps=8, eval_every=4)
+    assert scripted.steps == [4, 8, 6, 5]
+    assert summary["chosen_step"] == 5 and summary["val_accuracy"] == 0.1
+    assert summary["in_band"] is False
+    assert _same_weights(model, weights[5])
+
+
+def test_a_first_check_above_the_middle_searches_from_the_start(
+    make_tiny_model, tokenizer, trajectory
+) -> None:
+    weights = trajectory(4)
+    scripted = ScriptedAccuracy(weights, lambda step: [0.0, 0.2, 0.5, 0.7, 0.8][step])
+    model = make_tiny_model()
+    summary = _sft(model, tokenizer, scripted, steps=4, eval_every=4)
+    assert scripted.steps == [4, 2, 1]
+    assert summary["chosen_step"] == 2 and summary["in_band"] is True
+    assert _same_weights(model, weights[2])
+
+
+def test_never_reaching_the_middle_keeps_the_closest_checkpoint(
+    make_tiny_model, tokenizer, trajectory, caplog
+) -> None:
+    """No check reaches the middle (0.475): no search; the closest check is kept (step 6, in the
+    band), not the last one, and the model is put back to its weights."""
+    weights = trajectory(8)
+    values = {2: 0.1, 4: 0.3, 6: 0.45, 8: 0.2}
+    scripted = ScriptedAccuracy(weights, values.get)
+    model = make_tiny_model()
+    caplog.clear()  # the trajectory's run warned
     with caplog.at_level(logging.WARNING, logger="engine.task.sft"):
         summary = _sft(model, tokenizer, scripted, steps=8)
-    assert summary["chosen_step"] == 6
-    assert summary["val_accuracy"] == 0.62
-    assert summary["in_band"] is False
-    assert len(summary["history"]) == 4  # ran to the end
-    # the model is put back to step 6's weights
-    assert _same_weights(model, scripted.snapshots[2])
-    assert not _same_weights(model, scripted.snapshots[3])
-    assert "never reached the accuracy band" in caplog.text
+    assert scripted.steps == [2, 4, 6, 8]
+    assert (summary["chosen_step"], summary["in_band"]) == (6, True)
+    assert _same_weights(model, weights[6])
+    assert not caplog.text  # in the band: nothing to warn about
+
+
+def test_outside_the_band_says_so(make_tiny_model, tokenizer, trajectory, caplog) -> None:
+    weights = trajectory(6)
+    scripted = ScriptedAccuracy(weights, lambda step: 0.05 * step)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.task.sft"):
+        summary = _sft(make_tiny_model(), tokenizer, scripted, steps=6)
+    assert summary["chosen_step"] == 6 and summary["in_band"] is False
+    assert "no checkpoint inside the accuracy band" in caplog.text
     assert "kept step 6" in caplog.text
 
 
-def test_ties_below_the_band_keep_the_later_checkpoint(make_tiny_model, tokenizer) -> None:
-    # A budget too small for the band, accuracy stuck at 0: keep the most trained model, not the
-    # first one evaluated (which would throw the training away).
+def test_ties_below_the_middle_keep_the_later_checkpoint(
+    make_tiny_model, tokenizer, trajectory
+) -> None:
+    """A budget too small for the band, accuracy stuck at 0: keep the most trained model, not the
+    first one evaluated (which would throw the training away)."""
+    weights = trajectory(6)
     model = make_tiny_model()
-    scripted = ScriptedAccuracy([0.0, 0.0, 0.0])
-    summary = _sft(model, tokenizer, scripted, steps=6)
+    summary = _sft(model, tokenizer, ScriptedAccuracy(weights, lambda step: 0.0), steps=6)
     assert summary["chosen_step"] == 6 and summary["in_band"] is False
-    assert _same_weights(model, scripted.snapshots[2])
-    # a later tie below the band wins over an earlier one, not over a closer one
-    model = make_tiny_model()
-    scripted = ScriptedAccuracy([0.1, 0.3, 0.1, 0.3, 0.2])
-    summary = _sft(model, tokenizer, scripted, steps=10)
-    assert summary["chosen_step"] == 8
-    assert _same_weights(model, scripted.snapshots[3])
+    assert _same_weights(model, weights[6])
 
 
-def test_ties_above_the_band_keep_the_earlier_checkpoint(make_tiny_model, tokenizer) -> None:
-    model = make_tiny_model()
-    scripted = ScriptedAccuracy([0.8, 0.8, 0.9])
-    summary = _sft(model, tokenizer, scripted, steps=6)
-    assert summary["chosen_step"] == 2 and summary["in_band"] is False
-    assert _same_weights(model, scripted.snapshots[0])
+def test_ties_across_the_middle_keep_the_one_below(make_tiny_model, tokenizer, trajectory) -> None:
+    """0.45 and 0.5 are equally far from 0.475 (as k/n accuracies often are): the one below the
+    middle is kept (room to improve), whichever came first."""
+    weights = trajectory(4)
+    scripted = ScriptedAccuracy(weights, lambda step: [0.0, 0.3, 0.45, 0.5, 0.5][step])
+    summary = _sft(make_tiny_model(), tokenizer, scripted, steps=4)
+    assert scripted.steps == [2, 4, 3]
+    assert summary["chosen_step"] == 2
+    scripted = ScriptedAccuracy(weights, lambda step: [0.0, 0.3, 0.5, 0.5, 0.45][step])
+    summary = _sft(make_tiny_model(), tokenizer, scripted, steps=4)
+    assert scripted.steps == [2, 1]
+    assert summary["chosen_step"] == 2  # 0.5 at 2 vs 0.3 at 1: 2 is closer
 
 
-def test_the_last_step_is_always_evaluated(make_tiny_model, tokenizer) -> None:
-    scripted = ScriptedAccuracy([0.0, 0.0, 0.3])
+def test_ties_above_the_middle_keep_the_earlier_checkpoint(
+    make_tiny_model, tokenizer, trajectory
+) -> None:
+    weights = trajectory(4)
+    scripted = ScriptedAccuracy(weights, lambda step: [0.0, 0.8, 0.8, 0.9, 0.9][step])
+    summary = _sft(make_tiny_model(), tokenizer, scripted, steps=4)
+    assert scripted.steps == [2, 1]
+    assert summary["chosen_step"] == 1
+
+
+def test_the_last_step_is_always_evaluated(make_tiny_model, tokenizer, trajectory) -> None:
+    weights = trajectory(5)
+    scripted = ScriptedAccuracy(weights, lambda step: 0.06 * step)
     summary = _sft(make_tiny_model(), tokenizer, scripted, steps=5, eval_every=2)
-    assert [h["step"] for h in summary["history"]] == [2, 4, 5]
-    assert summary["chosen_step"] == 5  # 0.3 is the closest to the band
+    assert scripted.steps == [2, 4, 5]
+    assert summary["chosen_step"] == 5  # 0.3 is the closest to the middle
 
 
 def test_same_seed_same_weights(make_tiny_model, tokenizer) -> None:
     first, second, other = make_tiny_model(), make_tiny_model(), make_tiny_model()
     for model, seed in ((first, 0), (second, 0), (other, 1)):
-        _sft(model, tokenizer, ScriptedAccuracy([0.0]), steps=3, eval_every=3, seed=seed)
+        _sft(model, tokenizer, lambda m: 0.0, steps=3, eval_every=3, seed=seed)
     assert _same_weights(second, first.state_dict())
     assert not _same_weights(other, first.state_dict())
+
+
+def test_bad_budgets_are_refused(make_tiny_model, tokenizer) -> None:
+    with pytest.raises(ValueError, match="eval_every must be >= 1"):
+        _sft(make_tiny_model(), tokenizer, lambda m: 0.0, eval_every=0)
 
 
 def test_real_sft_on_a_tiny_budget(make_tiny_model, tokenizer) -> None:
@@ -142,7 +235,7 @@ def test_real_sft_on_a_tiny_budget(make_tiny_model, tokenizer) -> None:
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def val_accuracy(m) -> float:
-        snapshots[len(snapshots)] = {k: v.clone() for k, v in m.state_dict().items()}
+        snapshots[len(snapshots)] = _weights(m)
         return greedy_accuracy(m, tokenizer, VAL, max_new_tokens=40)["accuracy"]
 
     summary = _sft(
@@ -159,19 +252,9 @@ def test_real_sft_on_a_tiny_budget(make_tiny_model, tokenizer) -> None:
     assert _same_weights(model, snapshots[chosen])
 
 
-def test_band_reached_at_the_first_evaluation_stops_early(make_tiny_model, tokenizer) -> None:
-    model = make_tiny_model()
-    calls = []
-
-    def val_accuracy(m) -> float:
-        calls.append(1)
-        return greedy_accuracy(m, tokenizer, VAL[:2], max_new_tokens=4)["accuracy"]
-
-    summary = _sft(model, tokenizer, val_accuracy, steps=50, eval_every=3, band=(0.0, 1.0))
-    assert summary["chosen_step"] == 3 and summary["in_band"] is True
-    assert len(calls) == 1
-
-
-def test_one_step(make_tiny_model, tokenizer) -> None:
-    summary = _sft(make_tiny_model(), tokenizer, ScriptedAccuracy([0.9]), steps=1)
+def test_one_step(make_tiny_model, tokenizer, trajectory) -> None:
+    weights = trajectory(1)
+    scripted = ScriptedAccuracy(weights, lambda step: 0.9)
+    summary = _sft(make_tiny_model(), tokenizer, scripted, steps=1)
+    assert scripted.steps == [1]  # nothing to bisect between steps 0 and 1
     assert summary["chosen_step"] == 1 and len(summary["history"]) == 1
