@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.batching import collate_sequences
 from engine.model.logprobs import SequenceLogProbs
+from engine.runtime.progress import Progress
 from engine.task.arithmetic import Problem, solution
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,8 @@ def train_sft(
     rng = random.Random(seed)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (distance, step, weights)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="task: SFT", dynamic_ncols=True, disable=None)
+    # a line every ten seconds (steps, rate, ETA, loss, validation accuracy): terminal and log
+    bar = Progress("[task] SFT", steps, "steps", logger=log) if progress else None
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(examples, min(batch_size, len(examples)))
