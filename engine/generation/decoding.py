@@ -213,6 +213,8 @@ def decode(
     from transformers import DynamicCache
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     base = unwrap(model)
     config = base.config
     rows, prompt_length = input_ids.shape
