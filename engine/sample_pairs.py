@@ -41,6 +41,7 @@ from engine.generation.pairing import PairCounts, build_pairs
 from engine.runtime import distributed as dist_utils
 from engine.runtime.fileio import atomic_write_json
 from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
+from engine.runtime.progress import Progress
 
 log = logging.getLogger("engine.sample_pairs")
 
@@ -141,6 +142,15 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
         backend, tokenizer = load_backend(cfg.generation, cfg.model)
         mine = parts / f"rank-{rank}.jsonl"
         _drop_partial_tail(mine)
+        # a line per batch: prompts done, rate, ETA (terminal and log file)
+        progress = Progress(
+            f"[sample_pairs] rank {rank}",
+            sum(len(problems[b * size : (b + 1) * size]) for b in todo),
+            "prompts",
+            every=0.0,
+            logger=log,
+        )
+        made = 0
         for b in todo:
             chunk = problems[b * size : (b + 1) * size]
             rows, counts = build_pairs(
@@ -160,6 +170,10 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
                 handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            made += counts.pairs
+            progress.set_postfix(batch=f"{b + 1}/{len(batches)}", pairs=made)
+            progress.update(len(chunk))
+        progress.close()
     dist_utils.barrier()
 
     report: dict[str, Any] = {}

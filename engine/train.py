@@ -219,7 +219,6 @@ def _results(
     timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``results.json``: the objective, the run's size and time (and its split by phase,
-    """``results.json``: the objective, the run's size and time (and its split by phase,
     ``timings``: startup, reference, train, eval, diagnostics, export seconds), the last logged
     train and eval means, how the data loaded, the machine (numbers differ between CPUs:
     ``machine``), and the data source's own sections (the task's ``sft``)."""

@@ -1,7 +1,9 @@
 """Generating completions: prompt rendering and two backends behind one ``generate`` call.
 
-- :class:`HFBackend` (the default): Hugging Face ``model.generate``, batched, KV cache, prompts
-  left-padded so every row's new tokens start in the same column, stopping at EOS.
+- :class:`HFBackend` (the default): a Hugging Face model, batched, prompts left-padded so every
+  row's new tokens start in the same column, stopping at EOS. It decodes with
+  :func:`engine.generation.decoding.decode` (``generate``'s tokens at the model's own cost per
+  token) where that loop knows the model, else with ``model.generate``.
 - :class:`VLLMBackend` (optional extra ``vllm``, GPUs; the engine the paper's evaluation used): the
   same prompts, tokenized by the same tokenizer and handed over as token ids; only the generate
   call differs. It has not run on the CPU machine this project is developed on.
@@ -15,12 +17,19 @@ top-k) are overridden, so a benchmark's decoding is what its config says.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from engine.generation.decoding import decode, unsupported
+from engine.runtime.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,12 +145,22 @@ def _eos_ids(model: Any, tokenizer: Any) -> int | list[int]:
     return ids[0] if len(ids) == 1 else ids
 
 
+#: ``HFBackend(decoder=...)`` / ``generation.decoder``: ``auto`` decodes with
+#: :func:`engine.generation.decoding.decode` where it knows the model (the same tokens as
+#: ``generate``, at a fraction of the cost), ``generate`` always calls ``model.generate``
+DECODERS = ("auto", "generate")
+
+
 class HFBackend:
-    """Hugging Face ``generate``: ``batch_size`` prompts at a time, in the order given.
+    """A Hugging Face model: ``batch_size`` prompts at a time, in the order given.
 
     Sampling seeds torch's generator once per call (and restores the global RNG state after), so
     the completions depend on the seed, the prompts and the batch size only. The model's mode and
-    the tokenizer's padding side are given back. ``synced_gpus`` is for a model sharded by ZeRO-3.
+    the tokenizer's padding side are given back. ``synced_gpus`` is for a model sharded by ZeRO-3:
+    it always decodes with ``generate``, whose ``synced_gpus`` keeps the ranks in step.
+    ``decoder``: see :data:`DECODERS`; :attr:`decoder` (``loop`` or ``generate``) is what this
+    backend uses and :attr:`decoder_reason` why. ``progress``: the label of the progress lines a
+    call longer than ten seconds prints (sequences done, rate, ETA; :mod:`engine.runtime.progress`).
     """
 
     def __init__(
@@ -151,14 +170,31 @@ class HFBackend:
         device: torch.device | str = "cpu",
         batch_size: int = 256,
         synced_gpus: bool = False,
+        decoder: str = "auto",
+        progress: str = "generation",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"generation batch_size must be >= 1, got {batch_size}")
+        if decoder not in DECODERS:
+            raise ValueError(
+                f"generation.decoder: unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.device, self.batch_size = device, batch_size
+        self.progress = progress
         # ZeRO-3: every rank runs every forward until all are done (parameters are gathered
         # collectively); the caller gives every rank the same number of batches
         self.lockstep = {"synced_gpus": True} if synced_gpus else {}
+        if decoder == "generate":
+            reason: str | None = "generation.decoder=generate"
+        elif synced_gpus:
+            reason = "synced_gpus: ZeRO-3 ranks decode in lockstep, which generate keeps"
+        else:
+            reason = unsupported(model)
+        self.decoder = "generate" if reason else "loop"
+        self.decoder_reason = reason or "the decode loop knows this model"
+        #: tokens generated so far by this backend, each row's up to and including its stop token
+        self.generated_tokens = 0
 
     @torch.no_grad()
     def generate(
@@ -179,11 +215,11 @@ class HFBackend:
         tokenizer.padding_side = "left"
         generator_state = torch.get_rng_state()
         torch.manual_seed(seed)
-        if temperature > 0:
-            decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
-        else:
-            decoding = {"do_sample": False}
+        progress = Progress(
+            self.progress, len(prompts), "sequences", every=10.0, quiet_below=10.0, logger=log
+        )
         completions: list[str] = []
+        generated = 0
         try:
             for start in range(0, len(prompts), self.batch_size):
                 batch = tokenizer(
@@ -192,23 +228,64 @@ class HFBackend:
                     padding=True,
                     add_special_tokens=add_special_tokens,
                 ).to(self.device)
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=_eos_ids(model, tokenizer),
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
-                    repetition_penalty=1.0,
-                    **decoding,
-                    **self.lockstep,
-                )
-                new_tokens = output[:, batch["input_ids"].shape[1] :]
-                completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                tokens = self._new_tokens(batch, max_new_tokens, temperature, top_p)
+                completions += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                generated += _generated(tokens, _eos_ids(model, tokenizer))
+                progress.set_postfix(new_tokens_per_s=_rate(generated, progress))
+                progress.update(len(batch["input_ids"]))
+            progress.close()
         finally:
+            self.generated_tokens += generated
             tokenizer.padding_side = padding_side
             torch.set_rng_state(generator_state)
             model.train(was_training)
         return completions
+
+    def _new_tokens(
+        self, batch: Mapping[str, Any], max_new_tokens: int, temperature: float, top_p: float
+    ) -> torch.Tensor:
+        """One batch's new tokens ``(rows, steps)``, rows that stopped padded."""
+        model, tokenizer = self.model, self.tokenizer
+        eos = _eos_ids(model, tokenizer)
+        if self.decoder == "loop":
+            return decode(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=eos if isinstance(eos, list) else [eos],
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                top_p=top_p,
+            )
+        if temperature > 0:
+            decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+        else:
+            decoding = {"do_sample": False}
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            repetition_penalty=1.0,
+            **decoding,
+            **self.lockstep,
+        )
+        return output[:, batch["input_ids"].shape[1] :]
+
+
+def _generated(tokens: torch.Tensor, eos: int | list[int]) -> int:
+    """Tokens generated in a batch: each row's up to and including its first stop token."""
+    stops = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos]))
+    steps = tokens.shape[1]
+    first = torch.where(stops.any(1), stops.int().argmax(1) + 1, steps)
+    return int(first.sum())
+
+
+def _rate(count: int, progress: Progress) -> str:
+    elapsed = max(time.perf_counter() - progress.started, 1e-9)
+    return f"{count / elapsed:,.0f}"
 
 
 class VLLMBackend:
@@ -271,8 +348,9 @@ def load_backend(generation_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[Bac
     rendered with.
 
     ``generation_cfg``: ``backend`` (``hf`` | ``vllm``), ``batch_size`` (hf: prompts per
-    ``generate`` call) and ``vllm`` (options for ``vllm.LLM``). The hf model goes to this
-    process's GPU (``LOCAL_RANK``) when there is one, else the CPU.
+    ``generate`` call), ``decoder`` (hf: :data:`DECODERS`, default ``auto``) and ``vllm``
+    (options for ``vllm.LLM``). The hf model goes to this process's GPU (``LOCAL_RANK``) when
+    there is one, else the CPU.
     """
     from engine.model.loading import load_model, load_tokenizer
 
@@ -290,4 +368,7 @@ def load_backend(generation_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[Bac
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = load_model(model_cfg, tokenizer).to(device)
     batch_size = int(generation_cfg.get("batch_size", 64))
-    return HFBackend(model, tokenizer, device, batch_size=batch_size), tokenizer
+    decoder = str(generation_cfg.get("decoder") or "auto")
+    backend = HFBackend(model, tokenizer, device, batch_size=batch_size, decoder=decoder)
+    log.info("generation: %s decoder (%s)", backend.decoder, backend.decoder_reason)
+    return backend, tokenizer

@@ -112,6 +112,7 @@ def evaluate_benchmarks(
         loaded = (problems or {}).get(benchmark.name) or benchmark.load()
         items = shard([(p.problem, p.gold) for p in loaded])
         padding = (-(-len(loaded) // world) - len(items)) if lockstep else 0
+        log.info("%s: generating %d completions on this rank", benchmark.name, len(items))
         mine = generate_and_judge(
             backend,
             tokenizer,
@@ -145,15 +146,27 @@ class BenchmarkEvaluator:
     on every rank. ``lockstep`` (ZeRO-3 on several ranks) keeps every rank in every forward.
     """
 
-    def __init__(self, benchmark_cfg: Any, batch_size: int = 64, lockstep: bool = False) -> None:
+    def __init__(
+        self,
+        benchmark_cfg: Any,
+        batch_size: int = 64,
+        lockstep: bool = False,
+        decoder: str = "auto",
+    ) -> None:
         self.benchmarks = benchmarks_from_config(benchmark_cfg)
         self.problems = {b.name: b.load() for b in self.benchmarks}
-        self.batch_size, self.lockstep = batch_size, lockstep
+        self.batch_size, self.lockstep, self.decoder = batch_size, lockstep, decoder
 
     def evaluate(self, model: Any, tokenizer: Any, device: Any) -> dict[str, float]:
         """Greedy (or as configured) accuracy on every benchmark, and their average."""
         backend = HFBackend(
-            model, tokenizer, device, batch_size=self.batch_size, synced_gpus=self.lockstep
+            model,
+            tokenizer,
+            device,
+            batch_size=self.batch_size,
+            synced_gpus=self.lockstep,
+            decoder=self.decoder,
+            progress="evaluation",
         )
         results, _ = evaluate_benchmarks(
             backend, tokenizer, self.benchmarks, problems=self.problems, lockstep=self.lockstep
@@ -166,13 +179,17 @@ class BenchmarkEvaluator:
 
 def benchmark_evaluators(cfg: DictConfig) -> list[BenchmarkEvaluator]:
     """Training's benchmark evaluator for ``cfg.benchmark`` (none when no benchmark is selected):
-    ``generation.batch_size`` prompts per ``generate`` call, lockstep under ZeRO-3."""
+    ``generation.batch_size`` prompts per ``generate`` call, ``generation.decoder``, lockstep
+    under ZeRO-3."""
     if not cfg.get("benchmark"):
         return []
     stage = int(OmegaConf.select(cfg, "deepspeed.zero_optimization.stage", default=0) or 0)
     batch_size = int(OmegaConf.select(cfg, "generation.batch_size", default=64) or 64)
+    decoder = str(OmegaConf.select(cfg, "generation.decoder", default="auto") or "auto")
     lockstep = stage == 3 and dist_utils.world_size() > 1
-    return [BenchmarkEvaluator(cfg.benchmark, batch_size=batch_size, lockstep=lockstep)]
+    return [
+        BenchmarkEvaluator(cfg.benchmark, batch_size=batch_size, lockstep=lockstep, decoder=decoder)
+    ]
 
 
 def average(summaries: dict[str, dict[str, float]]) -> float:

@@ -245,8 +245,11 @@ def frozen_scorer(model: torch.nn.Module, trainer: Any, tails: bool = False) -> 
 
 
 def _forward_of(policy: torch.nn.Module) -> ForwardFn:
-    """``batch -> (logps, counts)`` of the policy (the DeepSpeed engine around SequenceLogProbs)."""
+    """``batch -> (logps, counts)`` of the policy (the DeepSpeed engine around SequenceLogProbs),
+    without gradients: the scores are constants, so no autograd graph is recorded (it held every
+    activation of the pass until the batch's scores were copied out)."""
 
+    @torch.no_grad()
     def forward(batch: PairBatch) -> tuple:
         return policy(**batch.model_inputs())
 

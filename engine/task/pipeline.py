@@ -202,7 +202,13 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
         band=(float(data.sft.accuracy_band[0]), float(data.sft.accuracy_band[1])),
         seed=seed,
     )
-    held_out = greedy_accuracy(model, tokenizer, sets["eval"], max_new_tokens=MAX_NEW_TOKENS)
+    held_out = greedy_accuracy(
+        model,
+        tokenizer,
+        sets["eval"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        progress="[task] held-out accuracy",
+    )
     sft_summary["accuracy"] = held_out["accuracy"]
     sft_summary["accuracy_stderr"] = held_out["accuracy_stderr"]
     # the SFT model (its chosen step, accuracies, and so the pairs) depends on the CPU's kernels
@@ -221,6 +227,11 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
         ("train", sets["pairs"], "train_pairs.jsonl"),
         ("eval", sets["eval_pairs"], "eval_pairs.jsonl"),
     ):
+        print(
+            f"[task] sampling {name} pairs: {len(problems)} prompts x "
+            f"{int(data.pairs.samples_per_prompt)} samples at temperature {data.pairs.temperature}",
+            flush=True,
+        )
         rows, stats = task_pairs(
             model,
             tokenizer,
@@ -228,6 +239,7 @@ def _build(cfg: DictConfig, final: Path, sets: dict[str, list[Problem]]) -> None
             samples_per_prompt=int(data.pairs.samples_per_prompt),
             temperature=float(data.pairs.temperature),
             seed=seed + (0 if name == "train" else 1),
+            progress=f"[task] sampling {name} pairs",
         )
         write_jsonl(work / file, rows)
         pair_stats[name] = stats

@@ -36,11 +36,13 @@ def greedy_accuracy(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     device: torch.device | str = "cpu",
+    progress: str = "[task] greedy accuracy",
 ) -> dict[str, float]:
     """Greedy accuracy on ``problems`` (``accuracy``), its binomial standard error
-    (``accuracy_stderr``) and the count (``n``)."""
+    (``accuracy_stderr``) and the count (``n``). ``progress``: the label of the backend's
+    progress lines (a call over ten seconds)."""
     records = generate_and_judge(
-        HFBackend(model, tokenizer, device),
+        HFBackend(model, tokenizer, device, progress=progress),
         tokenizer,
         _items(problems),
         prompt=TASK_PROMPT,
@@ -63,15 +65,17 @@ def task_pairs(
     samples_per_prompt: int,
     temperature: float,
     seed: int,
+    progress: str = "[task] sampling pairs",
 ) -> tuple[list[dict[str, str]], dict[str, float]]:
     """Sample, verify and pair (:func:`engine.generation.pairing.build_pairs`): one (correct,
     wrong) pair per prompt that has both.
 
     Returns the rows (``prompt``, ``chosen``, ``rejected``, ``answer``) and counts: prompts,
-    pairs, sample accuracy, prompts with all samples correct / all wrong.
+    pairs, sample accuracy, prompts with all samples correct / all wrong. ``progress``: the
+    label of the sampling's progress lines (sequences done, rate, ETA, every ten seconds).
     """
     rows, counts = build_pairs(
-        HFBackend(model, tokenizer),
+        HFBackend(model, tokenizer, progress=progress),
         tokenizer,
         _items(problems),
         prompt=TASK_PROMPT,

@@ -40,6 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.batching import collate_sequences
 from engine.model.logprobs import SequenceLogProbs
+from engine.runtime.progress import Progress
 from engine.task.arithmetic import Problem, solution
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,8 @@ def train_sft(
     )
     history: list[dict[str, Any]] = []
     best: tuple[tuple[float, int], int, dict[str, torch.Tensor]] | None = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="task: SFT", dynamic_ncols=True, disable=None)
+    # a line every ten seconds (steps, rate, ETA, loss, validation accuracy): terminal and log
+    bar = Progress("[task] SFT", steps, "steps", logger=log) if progress else None
 
     def check(search: bool) -> float:
         nonlocal best
@@ -212,7 +210,7 @@ def train_sft(
     while trainer.step < steps and not reached:
         trainer.advance(min(trainer.step + eval_every, steps))
         if bar is not None:
-            bar.update(trainer.step - bar.n)
+            bar.update(trainer.step - bar.done)
         reached = check(search=False) >= target
         if not reached:
             below = trainer.save()

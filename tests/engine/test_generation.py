@@ -91,8 +91,10 @@ def test_vllm_backend_matches_hf_greedy(tmp_path) -> None:
 
 
 def test_synced_gpus_reaches_generate_once(monkeypatch) -> None:
-    """ZeRO-3 on several ranks generates in lockstep: ``synced_gpus=True`` must reach
-    ``model.generate`` (given twice it raised "got multiple values for keyword argument")."""
+    """ZeRO-3 on several ranks generates in lockstep: the backend then decodes with
+    ``model.generate`` (not the decode loop) and ``synced_gpus=True`` reaches it once (given
+    twice it raised "got multiple values for keyword argument"). Without it, the loop runs and
+    ``generate`` is never called."""
     backend, _ = load_backend({"backend": "hf", "batch_size": 2}, OmegaConf.create(TINY))
     seen: list[dict] = []
     original = backend.model.generate
@@ -103,9 +105,26 @@ def test_synced_gpus_reaches_generate_once(monkeypatch) -> None:
         return original(**kwargs)
 
     monkeypatch.setattr(backend.model, "generate", recording)
-    backend.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2)
-    assert [call.get("synced_gpus") for call in seen] == [None, None]
+    assert backend.decoder == "loop"
+    looped = backend.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2)
+    assert seen == []
     synced = HFBackend(backend.model, backend.tokenizer, batch_size=2, synced_gpus=True)
-    seen.clear()
-    synced.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2)
+    assert synced.decoder == "generate"
+    assert synced.generate(["1+1=", "2+2=", "3+3="], max_new_tokens=2) == looped
     assert [call.get("synced_gpus") for call in seen] == [True, True]
+
+
+def test_load_backend_takes_the_decoder_setting() -> None:
+    backend, _ = load_backend({"backend": "hf", "decoder": "generate"}, OmegaConf.create(TINY))
+    assert backend.decoder == "generate"
+    assert backend.decoder_reason == "generation.decoder=generate"
+    with pytest.raises(ValueError, match="unknown decoder 'static'; valid: auto, generate"):
+        load_backend({"backend": "hf", "decoder": "static"}, OmegaConf.create(TINY))
+
+
+def test_generated_tokens_count_each_row_up_to_its_stop() -> None:
+    from engine.generation.backends import _generated
+
+    tokens = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [7, 9, 9, 2], [2, 0, 0, 0]])
+    assert _generated(tokens, 2) == 2 + 4 + 4 + 1
+    assert _generated(tokens, [2, 7]) == 2 + 3 + 1 + 1
