@@ -52,7 +52,6 @@ from engine.generation.evaluation import (
     markdown_table,
     write_outputs,
 )
-from engine.model.loading import load_tokenizer
 from engine.runtime import distributed as dist_utils
 from engine.runtime import phases
 from engine.runtime.fileio import atomic_write_json
@@ -82,6 +81,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     if finished is not None:  # this evaluation finished earlier: its results, not redone
         return finished
     model = cfg.model.get("name_or_path") or "tiny (random weights)"
+    from engine.model.loading import load_tokenizer  # transformers' model classes: seconds
+
     results, records = evaluate_benchmarks(
         lambda: load_backend(cfg.generation, cfg.model)[0],  # loaded when a batch is left
         load_tokenizer(cfg.model),

@@ -51,7 +51,6 @@ from engine.generation.evaluation import benchmark_evaluators
 from engine.loop import LoopParts, discard_abandoned_evaluations, run_loop
 from engine.model import adapters
 from engine.model.adapter_export import export_adapters
-from engine.model.loading import load_model, load_tokenizer
 from engine.model.logprobs import SequenceLogProbs
 from engine.model.reference import make_reference
 from engine.run_state import RunState, find_resume_step
@@ -90,8 +89,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
     # read now, so a bad one fails before the data source builds anything
     benchmarks = benchmark_evaluators(cfg, world_size=world)
-    # data: the data source resolves to a model config, tokenizer, pairs and evaluators
-    data = prepare_data(cfg, load_tokenizer)
+    # data: the data source resolves to a model config, tokenizer, pairs and evaluators (its
+    # files' rows are checked before the tokenizer loads)
+    data = prepare_data(cfg, _load_tokenizer)
     data.evaluators.extend(benchmarks)
     # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
     # before the model loads
@@ -105,6 +105,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     stop_point("during startup, after the process group started")
     # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
     # engine.model.adapters), as a module that scores the sequences of a pair batch
+    from engine.model.loading import load_model  # imported by _load_tokenizer already
+
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
     policy = SequenceLogProbs.from_trainer(
         adapters.unwrap(model),
@@ -196,6 +198,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _load_tokenizer(model_cfg: Any) -> Any:
+    """:func:`engine.model.loading.load_tokenizer`, imported here: transformers' model classes
+    come with it (seconds), so they wait until the config and the data's rows are checked."""
+    from engine.model.loading import load_tokenizer
+
+    return load_tokenizer(model_cfg)
+
+
 def _exported(run_dir: Path, step: int) -> bool:
     """Whether the export of ``step`` finished earlier (its marker and ``final_model/``)."""
     info = phases.done_info(run_dir, "export") if dist_utils.is_main() else None
@@ -208,6 +218,8 @@ def _export(
 ) -> None:
     """``final_model/`` (every rank takes part: ZeRO-3 gathers); with adapters also
     ``final_adapter/``, and ``final_model/`` is the adapter merged into the unquantized base."""
+    from engine.model.loading import load_model
+
     if adapters.adapters_enabled(data.model_cfg):
         export_adapters(
             ds_engine,

@@ -45,7 +45,6 @@ from omegaconf import OmegaConf
 from engine.data.loading import TokenizedPair
 from engine.data.pair_batch import PairBatch
 from engine.model import adapters
-from engine.model.loading import load_model, load_tokenizer
 from engine.model.logprobs import SequenceLogProbs
 from engine.model.pair_logprobs import ForwardFn, PairLogProbs
 from engine.model.score_shards import ShardedScores, pairs_digest
@@ -260,6 +259,8 @@ def make_reference(
         if data.model_cfg.get("adapter"):
             # the initial policy is base + that adapter (not the bare base: LLaMA-Factory #8459),
             # and the policy's copy of it trains: a second, frozen copy is loaded
+            from engine.model.loading import load_model  # transformers' model classes: seconds
+
             initial = load_model(data.model_cfg, data.tokenizer, int(cfg.seed), adapters=True)
             scorer = frozen_scorer(adapters.unwrap(initial).to(device), trainer, tails)
             return LiveReference(*common, scorer=scorer, **common_options)
@@ -287,6 +288,8 @@ def _description(cfg: Any, model_cfg: Any, tails: bool) -> str:
 def _load_separate(cfg: Any, data: Any, device: torch.device) -> torch.nn.Module:
     """The model at ``reference.name_or_path``. It is scored with the policy's token ids, so it
     must share the policy's vocabulary."""
+    from engine.model.loading import load_model, load_tokenizer  # seconds: only when used
+
     path = str(cfg.reference.name_or_path)
     ref_cfg = OmegaConf.merge(data.model_cfg, {"name_or_path": path, "tokenizer": None})
     ref_tokenizer = load_tokenizer(ref_cfg, key="reference")
