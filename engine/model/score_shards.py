@@ -91,9 +91,7 @@ class ShardedScores:
         forward: ForwardFn | None = None
         parts: dict[int, PairLogProbs] = {}
         if found and dist_utils.is_main():
-            log.info(
-                "%s scores: %d of %d shards found in %s", name, len(found), count, self.directory
-            )
+            log.info("%s: %d of %d shards kept in %s", name, len(found), count, self.directory)
         for index in range(count):
             if index in found:
                 continue
