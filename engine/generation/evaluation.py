@@ -176,9 +176,7 @@ def _run_benchmark(
     done = dist_utils.broadcast_object(None if kept is None else sorted(kept))
     todo = [[b for b in range(r, batches, world) if b not in done] for r in range(world)]
     if done and dist_utils.is_main():
-        log.info(
-            "%s: %d of %d batches kept by an earlier run", benchmark.name, len(done), batches
-        )
+        log.info("%s: %d of %d batches kept by an earlier run", benchmark.name, len(done), batches)
     log_path = None if records_dir is None else records_dir / PARTS / f"{benchmark.name}.jsonl"
     rounds = max(len(mine) for mine in todo)
     for round_ in range(rounds):
