@@ -29,13 +29,15 @@ batches (``records/.parts/run.json`` holds the settings; other settings there ar
 reads back instead of loading the model.
 """
 
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 from engine.runtime.preemption import watch_from_start
 
 watch_from_start(__name__)  # python -m engine.evaluate: stop signals are recorded from here on
 
-# the imports below take seconds (E402 is off for the command modules: pyproject.toml)
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import json
 import logging
 from pathlib import Path

@@ -25,13 +25,15 @@ refused. ``pairs.jsonl`` and ``report.json`` are written atomically by rank 0 on
 done, then ``done/complete.json`` (:mod:`engine.runtime.phases`).
 """
 
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 from engine.runtime.preemption import watch_from_start
 
 watch_from_start(__name__)  # python -m engine.sample_pairs: stop signals are recorded from here on
 
-# the imports below take seconds (E402 is off for the command modules: pyproject.toml)
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import hashlib
 import json
 import logging

@@ -16,13 +16,15 @@ interrupted evaluation, a finished export. ``done/<phase>.json`` marks each fini
 (:mod:`engine.runtime.phases`; docs/preemption.md).
 """
 
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 from engine.runtime.preemption import watch_from_start
 
 watch_from_start(__name__)  # python -m engine.train: stop signals are recorded from here on
 
-# the imports below take seconds (E402 is off for the command modules: pyproject.toml)
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import contextlib
 import logging
 import math
