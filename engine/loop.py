@@ -107,7 +107,7 @@ def evaluate(parts: LoopParts, step: int | None = None) -> dict[str, float]:
 
     With ``step`` (and ``parts.eval_dir``) the work is kept in ``eval_dir/step_<step>/`` and an
     evaluation of that step finished earlier is read back instead (module docstring). Stop points
-    after the eval pairs, after each evaluator and inside those that keep records."""
+    between its parts (the eval pairs, each evaluator) and inside those that keep records."""
     step_dir = None if parts.eval_dir is None or step is None else parts.eval_dir / f"step_{step}"
     if step_dir is not None:
         done = step_dir / "metrics.json"
@@ -139,15 +139,15 @@ def evaluate(parts: LoopParts, step: int | None = None) -> dict[str, float]:
         out = feed(parts.objective, inputs)
         metrics.update(means(pair_sums(out, scores), "eval"))
         ds_engine.train()
-        stop_point(f"in the evaluation of step {step} after the eval pairs")
-    for evaluator in data.evaluators:
+    for index, evaluator in enumerate(data.evaluators):
+        if index or data.eval_pairs:
+            stop_point(f"in the evaluation of step {step}, before evaluator {index + 1}")
         ds_engine.eval()
         keeps = step_dir is not None and getattr(evaluator, "keeps_records", False)
         options = {"records": step_dir / "records"} if keeps else {}
         found = evaluator.evaluate(parts.model, data.tokenizer, parts.device, **options)
         metrics.update({f"eval/{k}": v for k, v in found.items()})
         ds_engine.train()
-        stop_point(f"in the evaluation of step {step} after an evaluator")
     if step_dir is not None and dist_utils.is_main():
         atomic_write_json(step_dir / "metrics.json", metrics)
     return metrics
