@@ -122,9 +122,10 @@ def evaluate_benchmarks(
     ``problems`` (by benchmark name) saves reading the files again. ``batch_size``: problems per
     generation batch (batch ``b`` goes to rank ``b % world``); None: one batch per rank.
     ``records_dir``: keep the work there and skip what an earlier call kept (module docstring).
-    Every batch round (one batch per rank) ends at a stop point. ``lockstep`` makes a rank without
-    a batch in a round generate a dummy one, so that ranks call ``generate`` equally often:
-    ZeRO-3 needs every rank in every forward (with ``HFBackend(synced_gpus=True)``).
+    Every batch round (one batch per rank) ends at a stop point. ``lockstep`` pads every rank's
+    batch of a round to ``batch_size`` prompts (a rank without one generates padding), so that
+    ranks call ``generate`` equally often: ZeRO-3 needs every rank in every forward (with
+    ``HFBackend(synced_gpus=True)``).
     """
     summaries: dict[str, dict[str, float]] = {}
     all_records: dict[str, list[Record]] = {}
@@ -182,21 +183,23 @@ def _run_benchmark(
     for round_ in range(rounds):
         batch = todo[rank][round_] if round_ < len(todo[rank]) else None
         chunk = items[batch * size : (batch + 1) * size] if batch is not None else []
-        if batch is None and lockstep and items:
-            chunk = items[:1]  # a dummy batch, dropped: ZeRO-3 needs every rank in every forward
+        padded = chunk
+        if lockstep and items:  # every rank generates `size` prompts (the padding's records are
+            # dropped): ZeRO-3 needs every rank in every forward
+            padded = chunk + [chunk[-1] if chunk else items[0]] * (size - len(chunk))
         out = []
-        if chunk:
+        if padded:
             out = generate_and_judge(
                 get_backend(),
                 tokenizer,
-                chunk,
+                padded,
                 prompt=benchmark.prompt,
                 verifier=benchmark.verifier,
                 max_new_tokens=benchmark.max_new_tokens,
                 temperature=benchmark.temperature,
                 top_p=benchmark.top_p,
                 seed=batch or 0,
-            )
+            )[: len(chunk)]
         gathered = gather_in_order([(batch, out)])
         if gathered is not None and kept is not None:
             for index, records in gathered:
