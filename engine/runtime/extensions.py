@@ -212,7 +212,7 @@ class BuildLockWatch:
             holders = lock_holders(lock)
             if holders:
                 self._orphans.pop(key, None)
-                if key not in self._told:
+                if key not in self._told and holders != [os.getpid()]:  # not our own build
                     self._told.add(key)
                     log.info("waiting for process %s, which builds %s", holders[0], lock.parent)
                 continue

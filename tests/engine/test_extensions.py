@@ -119,7 +119,7 @@ def _built_shm_op() -> Path | None:
 @pytest.mark.distributed
 def test_two_ranks_start_past_a_stale_lock_on_the_prebuilt_op(tmp_path, cli, runs, pair_files):
     """torchrun with two processes loads the op, from a copy of the prebuilt one with a lock left
-    in it: the run removes the lock, says so, and trains (it waited forever before)."""
+    in it: the run removes the lock and trains (it waited forever before)."""
     built = _built_shm_op()
     if built is None:
         pytest.skip(f"{SHM_OP} is not built for this venv (make install builds it)")
@@ -131,6 +131,5 @@ def test_two_ranks_start_past_a_stale_lock_on_the_prebuilt_op(tmp_path, cli, run
         f"output_dir={tmp_path / 'run'}",
     ]
     done = cli.run(overrides, cwd=tmp_path, nproc=2, env={"TORCH_EXTENSIONS_DIR": str(root)})
-    assert done.returncode == 0, cli.describe(done)
-    assert f"removed the stale build lock {root / SHM_OP / 'lock'}" in done.stdout + done.stderr
-    assert not (root / SHM_OP / "lock").exists()
+    assert done.returncode == 0, cli.describe(done)  # torch alone would wait forever (cli: 300 s)
+    assert not (root / SHM_OP / "lock").exists()  # removed by a rank's watch (rank 1 logs nothing)
