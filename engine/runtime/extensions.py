@@ -20,9 +20,9 @@ about 60 s on 2 cores, again whenever the sources' path (the venv's) changes.
   leaves it, and every later load waits on it with no timeout. :class:`BuildLockWatch` (a thread,
   during DeepSpeed's startup) removes a lock whose owner is gone: no process on this host holds
   it open (``/proc/<pid>/fd``) in two looks at least a second apart. A live owner is waited for,
-  with a message naming it. On a network filesystem an owner on another node cannot be seen:
-  there a lock that nobody here holds is reported with its path at once and removed after
-  :data:`NETWORK_FS_GRACE_S` seconds.
+  with a message naming it. On a network filesystem an owner on another node cannot be seen (nor
+  any owner without ``/proc``): there a lock that nobody here holds is reported with its path at
+  once and removed after :data:`NETWORK_FS_GRACE_S` seconds.
 """
 
 from __future__ import annotations
@@ -217,16 +217,17 @@ class BuildLockWatch:
                     log.info("waiting for process %s, which builds %s", holders[0], lock.parent)
                 continue
             first_seen = self._orphans.setdefault(key, now)
-            network = on_network_filesystem(lock)
+            # a holder elsewhere (another node), or none visible here (no /proc): wait longer
+            network = on_network_filesystem(lock) or not Path("/proc/self/fd").is_dir()
             grace = NETWORK_FS_GRACE_S if network else LOCAL_GRACE_S
             if now - first_seen >= grace:
                 self._remove(lock, key, network)
             elif network and key not in self._told:
                 self._told.add(key)
                 log.warning(
-                    "build lock %s is held by no process on this host; it is on a network "
-                    "filesystem, where another node may be building: removed in %.0f s unless it "
-                    "goes (delete it by hand if no node builds)",
+                    "build lock %s is held by no process seen on this host; another node (a "
+                    "network filesystem) may be building: removed in %.0f s unless it goes "
+                    "(delete it by hand if nothing builds)",
                     lock,
                     grace,
                 )
