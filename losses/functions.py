@@ -30,7 +30,8 @@ from losses.registry import Registry, pick_options
 
 LossFn = Callable[..., torch.Tensor]
 
-#: loss name -> f(z). Holds the six GPO losses; add one with ``@LOSSES.register()``.
+#: loss name -> f(z). Holds the six GPO losses and TRL's four objectives of one margin (ipo,
+#: robust, exo_pair, discopop); add one with ``@LOSSES.register()``.
 LOSSES: Registry[LossFn] = Registry("loss")
 
 #: Where :func:`exponential` switches from exp(-z) to its tangent line (z < -EXP_CAP).

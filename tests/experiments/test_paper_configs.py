@@ -2,9 +2,9 @@
 conf/data/math_pairs, conf/experiment/paper_ablation and conf/hydra/launcher/{local_parallel,slurm}.
 
 Nothing here downloads: the configs are composed with Hydra's API and checked against the BPO
-paper's numbers (PAPER.md), and each paper model's architecture is trained for two steps on CPU,
-shrunk to a random 2-layer model with a char-level tokenizer built in code, under ZeRO-3 in one
-process, on chat-format and string-format pairs.
+paper's numbers (arXiv 2506.03557; docs/paper_scale.md), and each paper model's architecture is
+trained for two steps on CPU, shrunk to a random 2-layer model with a char-level tokenizer built in
+code, under ZeRO-3 in one process, on chat-format and string-format pairs.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ the same tiny Llama on the same pairs, in the same order, with the same optimize
 lr, clipping at 1) for five steps in float32, and every step's loss and mean chosen / rejected
 reward agree within 1e-4.
 
-The alignment is the benchmark's (``experiments/bench/synthetic.py`` and ``bench_worker.py``): one
+The alignment is the benchmark's (``experiments/bench/synthetic.py`` and ``worker.py``): one
 model file both load, text rows that tokenize to the same ids for both, TRL reading the pairs
 sequentially in the engine's own sampling order. Each side runs all its cases in one worker
-process (``bench_worker``'s ``runs`` spec), so the start-up is paid twice, not per method.
+process (``experiments.bench.worker``'s ``runs`` spec), so the start-up is paid twice, not per
+method.
 
-Differences that remain, by design (also in the README's zoo section):
+Differences that remain, by design (also in docs/zoo.md):
 
 - ``ipo`` and ``sigmoid_norm`` average log-ratios over response tokens. TRL logs their rewards
   as beta times the *summed* log-ratio; ours are beta times the averaged one (the value the

@@ -1,6 +1,6 @@
-"""The README's zoo tables agree with the registries: every registered part has its row (and no
-row names a part that does not exist), and the methods table says truthfully which methods cross
-with a margin and which TRL ``loss_type`` they match."""
+"""The zoo page's tables (docs/zoo.md) agree with the registries: every registered part has its row
+(and no row names a part that does not exist), and the methods table says truthfully which methods
+cross with a margin and which TRL ``loss_type`` they match."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 from losses import LOSSES, METHODS, PAIR_LOSSES
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ZOO_PAGE = Path(__file__).resolve().parents[2] / "docs" / "zoo.md"
 
 
 def table(marker: str) -> list[list[str]]:
     """The rows (cells, stripped) of the Markdown table after ``<!-- zoo:<marker> -->``."""
-    text = README.read_text()
+    text = ZOO_PAGE.read_text(encoding="utf-8")
     start = text.index(f"<!-- zoo:{marker} -->")
     lines = text[start:].splitlines()[1:]
     rows = []
