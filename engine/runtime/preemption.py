@@ -110,13 +110,11 @@ class PreemptionGuard:
         self.received: list[signal.Signals] = []  # this process, in arrival order
         self._agreed: tuple[signal.Signals, ...] = ()  # every rank's, after should_stop
         self._previous: dict[signal.Signals, Any] = {}
-        self._outer: PreemptionGuard | None = None  # the process's guard, when it had one
-        self._installed = False
+        self._installed = False  # False: stands for the process's guard, or not the main thread
 
     def __enter__(self) -> PreemptionGuard:
         global _ACTIVE
         if _ACTIVE is not None:  # the process is watched already: stand for its guard
-            self._outer = _ACTIVE
             return _ACTIVE
         if threading.current_thread() is not threading.main_thread():
             log.debug("not in the main thread: stop signals are not watched")
