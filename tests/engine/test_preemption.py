@@ -149,6 +149,27 @@ def test_without_resume_the_signal_is_not_handed_on(fake_submitit, caplog):
     assert "trainer.resume is not 'auto'" in caplog.text
 
 
+def test_one_guard_per_process_and_stop_points_anywhere(fake_submitit):
+    """A guard entered inside another stands for it (the commands nest train() in run()); a stop
+    point raises Preempted with its words once a signal came, and does nothing without a guard
+    (a library call outside the commands)."""
+    from engine.runtime.preemption import active_guard, stop_point, watch_from_start
+
+    stop_point("anywhere")  # no guard: nothing happens
+    watch_from_start("engine.train")  # imported, not run as a command: no guard either
+    assert active_guard() is None
+    with PreemptionGuard() as outer:
+        with PreemptionGuard() as inner:
+            assert inner is outer is active_guard()
+            stop_point("in a phase")  # nothing received yet
+            signal.raise_signal(signal.SIGUSR1)
+            with pytest.raises(Preempted, match="stopped in a phase, on SIGUSR1") as stopped:
+                stop_point("in a phase")
+        assert active_guard() is outer  # the inner one left the handlers alone
+        assert stopped.value.where == "in a phase" and stopped.value.step is None
+    assert active_guard() is None
+
+
 class HydraLikeJob:
     """Stands for hydra-submitit-launcher's launcher: ``checkpoint()`` resubmits itself."""
 
