@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 ARGS ?=
 # the venv's tools first (its ninja builds DeepSpeed's CPU ops; mixing ninja versions forces
-# rebuilds) and a per-venv cache of those ops
+# rebuilds) and a per-venv cache of those ops (the commands default to the same directory)
 export PATH := $(abspath $(BIN)):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
@@ -23,6 +23,10 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	# torch first and exactly pinned: a looser requirement would pull the CUDA build
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev,sweep,bench,adapters,tracking]'
+	# DeepSpeed's CPU op (the shared-memory collective that runs of several processes on a CPU
+	# load), built once into $(TORCH_EXTENSIONS_DIR), where the commands look: no run compiles it
+	$(BIN)/python -m engine.runtime.extensions || echo "warning: DeepSpeed's CPU op did not build; \
+	  runs of several processes on a CPU will build it (engine/runtime/extensions.py)" >&2
 	touch $@
 
 install: $(STAMP)  ## create .venv and install the project with its pinned dependencies

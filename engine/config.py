@@ -164,6 +164,12 @@ def _validate_switches(cfg: DictConfig) -> None:
         "reference.precompute",
         f"must be true or false, got {precompute!r}",
     )
+    shard_pairs = reference.get("shard_pairs")
+    require(
+        shard_pairs is None or (isinstance(shard_pairs, int) and shard_pairs > 0),
+        "reference.shard_pairs",
+        f"must be an integer > 0, got {shard_pairs!r}",
+    )
     path = reference.get("name_or_path")
     require(
         path is None or (isinstance(path, str) and path.strip() != ""),

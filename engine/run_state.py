@@ -2,8 +2,11 @@
 
 A checkpoint's client state holds: ``step`` (optimizer steps done), ``window`` (the unlogged
 metrics window's global sums, so a resumed run logs exactly what an uninterrupted one logs),
-``last_train`` and ``last_eval`` (the last logged means, for ``results.json``). Model, optimizer,
-scheduler and RNG are :mod:`engine.checkpoint`'s.
+``last_train`` and ``last_eval`` (the last logged means, for ``results.json``) and
+``eval_pending`` (the step's evaluation had not been logged when it was saved: the final save and
+saves at evaluation steps come before the evaluation, and a stop during an evaluation saves
+before leaving; a resumed run evaluates that step first). Model, optimizer, scheduler and RNG are
+:mod:`engine.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class RunState:
     window: MetricsWindow = field(default_factory=MetricsWindow)
     last_train: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+    eval_pending: bool = False  # the evaluation of ``step`` is still to be logged
     eval_seconds: float = 0.0  # this process's time in evaluate() (results.json timings; not saved)
 
     def to_client_state(self, device: torch.device) -> dict[str, Any]:
@@ -39,6 +43,7 @@ class RunState:
             "window": self.window.global_sums(device).tolist(),
             "last_train": self.last_train,
             "last_eval": self.last_eval,
+            "eval_pending": self.eval_pending,
         }
 
     @classmethod
@@ -49,6 +54,7 @@ class RunState:
             step=int(client.get("step", default_step)),
             last_train=dict(client.get("last_train") or {}),
             last_eval=dict(client.get("last_eval") or {}),
+            eval_pending=bool(client.get("eval_pending", False)),
         )
         if client.get("window") is not None and dist_utils.is_main():
             state.window.restore(client["window"])

@@ -17,17 +17,26 @@ Work is cut into batches of ``batch_prompts`` prompts; batch b is sampled with i
 (derived from ``seed`` and b) and, under ``torchrun``, by rank ``b % world_size``. So the pairs do
 not depend on the number of ranks or on interruptions. Each finished batch is appended (and
 fsynced) to ``parts/rank-<r>.jsonl``; a rerun with the same settings skips the batches found there,
-so a killed run loses at most the batches in flight. ``parts/run.json`` records the settings; a
-rerun into the same directory with different ones is refused. ``pairs.jsonl`` and ``report.json``
-are written atomically by rank 0 once every batch is done.
+so a killed run loses at most the batches in flight. A stop signal (SIGTERM, SIGUSR1, submitit's:
+:mod:`engine.runtime.preemption`) is taken after a round of batches (one per rank): every rank
+exits with the requeue status 75 and the rerun of the same command goes on from there.
+``parts/run.json`` records the settings; a rerun into the same directory with different ones is
+refused. ``pairs.jsonl`` and ``report.json`` are written atomically by rank 0 once every batch is
+done, then ``done/complete.json`` (:mod:`engine.runtime.phases`).
 """
+
+# ruff: noqa: E402
 
 from __future__ import annotations
 
+from engine.runtime.preemption import watch_from_start
+
+watch_from_start(__name__)  # python -m engine.sample_pairs: stop signals are recorded from here on
+
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +48,10 @@ from engine.generation.backends import load_backend
 from engine.generation.benchmarks import Benchmark
 from engine.generation.pairing import PairCounts, build_pairs
 from engine.runtime import distributed as dist_utils
-from engine.runtime.fileio import atomic_write_json
+from engine.runtime import phases
+from engine.runtime.fileio import append_log_entry, atomic_write_json, read_log
 from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
+from engine.runtime.preemption import run_or_requeue, stop_point, stop_signals_watched
 from engine.runtime.progress import Progress
 
 log = logging.getLogger("engine.sample_pairs")
@@ -91,32 +102,28 @@ def read_parts(parts: Path) -> dict[int, dict[str, Any]]:
     """
     done: dict[int, dict[str, Any]] = {}
     for path in sorted(parts.glob("rank-*.jsonl")):
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        complete = lines if text.endswith("\n") else lines[:-1]
-        for number, line in enumerate(complete, start=1):
-            if not line.strip():
-                continue
+        for number, entry in enumerate(read_log(path, what="batch"), start=1):
             try:
-                entry = json.loads(line)
                 done[int(entry["batch"])] = entry
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}: line {number}: not a finished batch ({error})") from None
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"{path}: entry {number}: not a finished batch ({error})"
+                ) from None
     return done
 
 
-def _drop_partial_tail(path: Path) -> None:
-    """Cut a half-written last line (a killed run) so that appending starts on a fresh line."""
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            write_jsonl(path, (json.loads(line) for line in text.split("\n")[:-1] if line.strip()))
-
-
 def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
-    """Sample, verify and pair (module docstring); returns the report (every rank)."""
+    """Sample, verify and pair (module docstring); returns the report (every rank). Stop signals
+    are watched meanwhile: a stop raises :class:`engine.runtime.preemption.Preempted` after the
+    batches in hand are kept."""
+    with stop_signals_watched():
+        return _sample_pairs(cfg)
+
+
+def _sample_pairs(cfg: DictConfig) -> dict[str, Any]:
     spec = _check(cfg)
     problems = spec.load()
+    stop_point("during startup, after reading the prompts")
     init_if_launched()
     rank, world = dist_utils.rank(), dist_utils.world_size()
     run_dir = resolve_output_dir(cfg, "outputs/sample_pairs")
@@ -136,22 +143,25 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
     size = int(cfg.batch_prompts)
     batches = range((len(problems) + size - 1) // size)
     done = read_parts(parts)
-    todo = [b for b in batches if b % world == rank and b not in done]
-    if todo:
-        log.info("rank %d: %d batches to sample (%d found done)", rank, len(todo), len(done))
-        backend, tokenizer = load_backend(cfg.generation, cfg.model)
-        mine = parts / f"rank-{rank}.jsonl"
-        _drop_partial_tail(mine)
-        # a line per batch: prompts done, rate, ETA (terminal and log file)
-        progress = Progress(
-            f"[sample_pairs] rank {rank}",
-            sum(len(problems[b * size : (b + 1) * size]) for b in todo),
-            "prompts",
-            every=0.0,
-            logger=log,
-        )
-        made = 0
-        for b in todo:
+    todo = [[b for b in batches if b % world == r and b not in done] for r in range(world)]
+    rounds = max(len(batches_of_rank) for batches_of_rank in todo)  # the same on every rank
+    mine, loaded = todo[rank], None
+    if mine:
+        log.info("rank %d: %d batches to sample (%d found done)", rank, len(mine), len(done))
+    # a line per batch: prompts done, rate, ETA (terminal and log file)
+    progress = Progress(
+        f"[sample_pairs] rank {rank}",
+        sum(len(problems[b * size : (b + 1) * size]) for b in mine),
+        "prompts",
+        every=0.0,
+        logger=log,
+    )
+    made = 0
+    for round_ in range(rounds):
+        if round_ < len(mine):
+            b = mine[round_]
+            loaded = loaded or load_backend(cfg.generation, cfg.model)
+            backend, tokenizer = loaded
             chunk = problems[b * size : (b + 1) * size]
             rows, counts = build_pairs(
                 backend,
@@ -166,13 +176,12 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
                 seed=batch_seed(int(cfg.seed), b),
             )
             entry = {"batch": b, "rows": rows, "counts": counts.to_dict()}
-            with open(mine, "a", encoding="utf-8") as handle:  # append-only log, fsynced
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_log_entry(parts / f"rank-{rank}.jsonl", entry)  # kept once this returns
             made += counts.pairs
             progress.set_postfix(batch=f"{b + 1}/{len(batches)}", pairs=made)
             progress.update(len(chunk))
+        stop_point(f"in sampling after batch round {round_ + 1} of {rounds}")
+    if mine:
         progress.close()
     dist_utils.barrier()
 
@@ -201,6 +210,7 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
             "settings": settings,
         }
         atomic_write_json(run_dir / "report.json", report)
+        phases.mark_done(run_dir, phases.COMPLETE, pairs=report["pairs"])
         print(
             f"[sample_pairs] {report['pairs']} pairs from {report['prompts']} prompts "
             f"(sample accuracy {report['sample_accuracy']:.3f}, all correct "
@@ -212,5 +222,10 @@ def sample_pairs(cfg: DictConfig) -> dict[str, Any]:
     return dist_utils.broadcast_object(report)
 
 
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """The command: :func:`sample_pairs`, whose stop exits with the requeue status."""
+    return run_or_requeue(sample_pairs, cfg)
+
+
 if __name__ == "__main__":
-    hydra_entry("sample_pairs", sample_pairs)
+    hydra_entry("sample_pairs", main)

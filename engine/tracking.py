@@ -6,7 +6,10 @@ with :func:`engine.metrics.read_metrics`), plus the trackers that ``trainer.repo
 ``MetricsLogger.from_config(run_dir, cfg, resume_step)`` is all the loop calls: it opens every
 tracker the config asks for, logs the resolved config to W&B and MLflow as parameters (flattened
 keys such as ``trainer.lr``), and ``log(step, metrics)`` sends every row to each of them with its
-step. ``close()`` finishes the runs. Only rank 0 creates one.
+step. ``close(status)`` ends the runs as ``finished``, ``failed`` (an error: W&B exit code 1,
+MLflow ``FAILED``) or ``killed`` (a stop signal or Ctrl-C: W&B ``mark_preempting`` and the requeue
+status 75, MLflow ``KILLED``); used as a context manager it picks the status from how the body
+ended. Only rank 0 creates one.
 
 Where W&B and MLflow write: their own settings. W&B reads ``WANDB_PROJECT`` (default
 ``preference-loss-zoo``), ``WANDB_ENTITY``, ``WANDB_MODE`` (``offline`` needs no network) and
@@ -29,12 +32,24 @@ from typing import Any, Protocol
 
 from engine.metrics import read_metrics
 from engine.runtime.fileio import atomic_write_text
+from engine.runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 #: the tracker names ``trainer.report_to`` accepts (TensorBoard needs no extra)
 REPORTERS = ("tensorboard", "wandb", "mlflow")
 DEFAULT_PROJECT = "preference-loss-zoo"
 _EXTRA_HINT = "pip install -e '.[tracking]'"
 _MLFLOW_BATCH = 100  # MLflow's limit of parameters per log_batch call
+#: how a run ends: ``finished``, ``failed`` (an error) or ``killed`` (a stop signal, Ctrl-C)
+STATUSES = ("finished", "failed", "killed")
+
+
+def ending_status(error: BaseException | None) -> str:
+    """The status a run closes with when its body ended with ``error`` (None: finished)."""
+    if error is None:
+        return "finished"
+    if isinstance(error, Preempted | KeyboardInterrupt):
+        return "killed"
+    return "failed"
 
 
 def report_targets(trainer: Mapping[str, Any]) -> list[str]:
@@ -79,7 +94,7 @@ def _import(module: str) -> Any:
 class _Tracker(Protocol):
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "finished") -> None: ...
 
 
 class _TensorBoard:
@@ -95,7 +110,7 @@ class _TensorBoard:
     def histogram(self, step: int, key: str, values: Any) -> None:
         self._writer.add_histogram(key, values, step)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         self._writer.close()
 
 
@@ -127,8 +142,12 @@ class _Wandb:
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._run.log(dict(metrics), step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, status: str = "finished") -> None:
+        # W&B's contract: exit code 0 is finished, anything else failed; a run marked preempting
+        # and ended with a non-zero code is one to resume (the same id comes back on resume)
+        if status == "killed":
+            self._run.mark_preempting()
+        self._run.finish(exit_code={"finished": 0, "failed": 1}.get(status, PREEMPTED_EXIT_CODE))
 
 
 class _MLflow:
@@ -159,8 +178,9 @@ class _MLflow:
         rows = [Metric(key, value, now, step) for key, value in metrics.items()]
         self._client.log_batch(self._run_id, metrics=rows)
 
-    def close(self) -> None:
-        self._client.set_terminated(self._run_id)
+    def close(self, status: str = "finished") -> None:
+        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
+        self._client.set_terminated(self._run_id, status=mlflow_status)
 
 
 def _experiment_id(client: Any, name: str) -> str:
@@ -187,6 +207,10 @@ def _param_text(value: Any) -> str:
 _TRACKERS = {"wandb": _Wandb, "mlflow": _MLflow}
 
 
+def _is_eval_row(row: Mapping[str, Any]) -> bool:
+    return any(key.startswith("eval/") for key in row)
+
+
 def _run_name(cfg: Any, run_dir: Path) -> str:
     """``bpo seed 0 (17-02-11)`` or ``hinge x balanced seed 0 (3)``: the objective and where."""
     method = (cfg.get("method") or {}).get("name")
@@ -201,6 +225,8 @@ class MetricsLogger:
         run_dir: the run directory.
         resume_step: on resume, rows logged after this step (by the killed run, past its last
             checkpoint) are dropped first, so the file reads as one uninterrupted run.
+        eval_pending: the checkpoint resumed from was saved before its step's evaluation was
+            logged (the run redoes it): that step's evaluation rows are dropped too.
         tensorboard: also write TensorBoard events under ``run_dir/tensorboard``.
         trackers: more destinations of every row (objects with ``log(step, metrics)`` and
             ``close()``), e.g. the W&B and MLflow runs that :meth:`from_config` opens.
@@ -212,10 +238,16 @@ class MetricsLogger:
         resume_step: int | None = None,
         tensorboard: bool = True,
         trackers: Sequence[_Tracker] = (),
+        eval_pending: bool = False,
     ):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [
+                r
+                for r in read_metrics(self.path)
+                if r.get("step", 0) < resume_step
+                or (r.get("step", 0) == resume_step and not (eval_pending and _is_eval_row(r)))
+            ]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run in a reused directory starts a fresh log
@@ -225,7 +257,9 @@ class MetricsLogger:
             self._trackers.insert(0, _TensorBoard(run_dir))
 
     @classmethod
-    def from_config(cls, run_dir: Path, cfg: Any, resume_step: int | None = None) -> MetricsLogger:
+    def from_config(
+        cls, run_dir: Path, cfg: Any, resume_step: int | None = None, eval_pending: bool = False
+    ) -> MetricsLogger:
         """The logger ``cfg`` (the resolved run config) asks for: ``metrics.jsonl`` plus every
         tracker of ``trainer.report_to``; W&B and MLflow get ``cfg`` as flattened parameters."""
         names = report_targets(cfg.trainer)
@@ -241,11 +275,17 @@ class MetricsLogger:
                         trackers.append(
                             _TRACKERS[tracker](run_dir, params, name, resume_step is not None)
                         )
-        except BaseException:
+        except BaseException as error:
             for tracker in trackers:  # never leave a half-opened set of runs behind
-                tracker.close()
+                tracker.close(ending_status(error))
             raise
-        return cls(run_dir, resume_step, tensorboard="tensorboard" in names, trackers=trackers)
+        return cls(
+            run_dir,
+            resume_step,
+            tensorboard="tensorboard" in names,
+            trackers=trackers,
+            eval_pending=eval_pending,
+        )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write one row (flushed at once, so a crash loses at most the row being written) and
@@ -265,8 +305,18 @@ class MetricsLogger:
             if hasattr(tracker, "histogram"):
                 tracker.histogram(step, key, values)
 
-    def close(self) -> None:
-        """Flush and close the file, and finish every tracker's run."""
+    def close(self, status: str = "finished") -> None:
+        """Flush and close the file, and end every tracker's run with ``status`` (one of
+        :data:`STATUSES`)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         self._file.close()
         for tracker in self._trackers:
-            tracker.close()
+            tracker.close(status)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        """Close with the status of how the body ended (:func:`ending_status`)."""
+        self.close(ending_status(error))

@@ -1,15 +1,31 @@
 """Preference training on DeepSpeed: ``python -m engine.train [hydra overrides]``.
 
 ``train(cfg)`` is a plain function (tests call it); ``main`` is the Hydra wrapper. ``train`` is a
-flat sequence of phases, one call each: setup, data (:mod:`engine.data.sources`), model, reference
-(:mod:`engine.model.reference`), DeepSpeed, resume and run state (:mod:`engine.run_state`), the loop
-(:mod:`engine.loop`: ``deepspeed``'s ``backward`` / ``step`` around one objective call,
-:mod:`engine.objective`), export, results. The objective (a :class:`losses.PreferenceLoss`) is a
-value the loop calls, never a branch it takes.
+flat sequence of phases, one call each: checks (config, objective, batch), benchmarks and data
+(:mod:`engine.data.sources`), all before the process group and DeepSpeed start, so a bad input is
+reported in seconds; then the process group, model, reference (:mod:`engine.model.reference`),
+DeepSpeed, resume and run state (:mod:`engine.run_state`), the loop (:mod:`engine.loop`:
+``deepspeed``'s ``backward`` / ``step`` around one objective call, :mod:`engine.objective`),
+export, results. The objective (a :class:`losses.PreferenceLoss`) is a value the loop calls, never
+a branch it takes.
+
+A stop signal at any phase ends the run at the phase's next stop point with the requeue status
+(:mod:`engine.runtime.preemption`); rerun with ``trainer.resume=auto``, the run skips what was kept:
+the reference pass's shards, the optimizer steps of the last checkpoint, the batches of an
+interrupted evaluation, a finished export. ``done/<phase>.json`` marks each finished phase
+(:mod:`engine.runtime.phases`; docs/preemption.md).
 """
+
+# ruff: noqa: E402
 
 from __future__ import annotations
 
+from engine.runtime.preemption import watch_from_start
+
+watch_from_start(__name__)  # python -m engine.train: stop signals are recorded from here on
+
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
+import contextlib
 import logging
 import math
 import time
@@ -34,18 +50,23 @@ from engine.data.packing import PairLayout
 from engine.data.pair_extras import PairExtras
 from engine.data.sources import PreparedData, prepare_data
 from engine.generation.evaluation import benchmark_evaluators
-from engine.loop import LoopParts, run_loop
+from engine.loop import LoopParts, discard_abandoned_evaluations, run_loop
 from engine.model import adapters
 from engine.model.adapter_export import export_adapters
-from engine.model.loading import load_model, load_tokenizer
 from engine.model.logprobs import SequenceLogProbs
 from engine.model.reference import make_reference
 from engine.run_state import RunState, find_resume_step
 from engine.runtime import distributed as dist_utils
+from engine.runtime import extensions, phases
 from engine.runtime.fileio import atomic_write_json
 from engine.runtime.launch import chosen_output_dir, hydra_entry, resolve_output_dir
 from engine.runtime.machine import machine_info
-from engine.runtime.preemption import Preempted, exit_preempted
+from engine.runtime.preemption import (
+    Preempted,
+    exit_preempted,
+    stop_point,
+    stop_signals_watched,
+)
 from engine.runtime.timing import PhaseClock
 from engine.tracking import MetricsLogger
 from losses import PreferenceLoss
@@ -54,17 +75,26 @@ log = logging.getLogger("engine.train")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``."""
+    """Train one run described by ``cfg`` (the composed Hydra config); returns ``results.json``.
+    Stop signals are watched meanwhile: a stop raises :class:`Preempted` once the work done is
+    kept (``run`` turns it into the requeue exit)."""
+    with stop_signals_watched():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     clock = PhaseClock(started)  # results.json's timings: where the wall time went
-    # setup: checks, the objective, the process group, the batch for its world size (grad_accum
-    # from trainer.global_batch), the run directory, seeds, the device
-    cfg, objective, run_dir, device = _setup(cfg)
+    # checks: the config, the objective and the batch for the launcher's world size (grad_accum
+    # from trainer.global_batch), before anything is built or started
+    world = dist_utils.launched_world_size()
+    cfg, objective = _check(cfg, world)
     # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
     # read now, so a bad one fails before the data source builds anything
-    benchmarks = benchmark_evaluators(cfg)
-    # data: the data source resolves to a model config, tokenizer, pairs and evaluators
-    data = prepare_data(cfg, load_tokenizer)
+    benchmarks = benchmark_evaluators(cfg, world_size=world)
+    # data: the data source resolves to a model config, tokenizer, pairs and evaluators (its
+    # files' rows are checked before the tokenizer loads)
+    data = prepare_data(cfg, _load_tokenizer)
     data.evaluators.extend(benchmarks)
     # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
     # before the model loads
@@ -72,8 +102,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extras = PairExtras.for_objective(
         needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
     )
+    stop_point("during startup, after reading the data")
+    # process group, run directory (its config.yaml), seed, device
+    run_dir, device = _start(cfg, world)
+    stop_point("during startup, after the process group started")
     # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
     # engine.model.adapters), as a module that scores the sequences of a pair batch
+    from engine.model.loading import load_model  # imported by _load_tokenizer already
+
     model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
     policy = SequenceLogProbs.from_trainer(
         adapters.unwrap(model),
@@ -94,53 +130,91 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device,
         tails=needs.needs_tail_logps,
     )
+    stop_point("during startup, after the model loaded")
     # DeepSpeed: the ds_engine, its optimizer and the learning-rate schedule
     ds_engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
     # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
     # engine.run_state.find_resume_step
     checkpoint_dir = run_dir / "checkpoints"
     resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
+    resuming = cfg.trainer.get("resume") == "auto"
+    if not resuming and dist_utils.is_main():
+        phases.clear(run_dir)  # a fresh run in a reused directory: nothing of the old one counts
+    discard_abandoned_evaluations(run_dir / "eval", resume_step)
     clock.lap("startup")
-    # reference scores, once before any update (read back from the run directory on resume)
-    reference.prepare(ds_engine, run_dir, resume=resume_step is not None)
+    stop_point("during startup, after DeepSpeed started")
+    # reference scores, once before any update, kept shard by shard (read back from the run
+    # directory when resuming: the whole file, or the shards a stopped pass left)
+    reference.prepare(ds_engine, run_dir, resume=resuming)
+    if dist_utils.is_main():
+        phases.mark_done(run_dir, "reference")
     # run state: restored from the checkpoint (model, optimizer, scheduler, RNG, metrics window)
     state = run_state.restore(ds_engine, checkpoint_dir, resume_step)
     clock.lap("reference")
-    # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only
-    logger = MetricsLogger.from_config(run_dir, cfg, resume_step) if dist_utils.is_main() else None
-    # loop: forward, loss, backward, step, log, eval, checkpoint
-    parts = LoopParts(
-        trainer=cfg.trainer,
-        ds_engine=ds_engine,
-        scheduler=scheduler,
-        model=model,
-        objective=objective,
-        reference=reference,
-        data=data,
-        sampler=sampler,
-        layout=PairLayout.from_config(cfg.trainer),
-        device=device,
-        total_steps=total_steps,
-        checkpoint_dir=checkpoint_dir,
-        logger=logger,
-        extras=extras,
+    # trackers: metrics.jsonl and trainer.report_to (TensorBoard, W&B, MLflow), rank 0 only;
+    # their runs end as finished, failed or killed with the body
+    logger = (
+        MetricsLogger.from_config(run_dir, cfg, resume_step, eval_pending=state.eval_pending)
+        if dist_utils.is_main()
+        else None
     )
-    run_loop(parts, state)
-    clock.lap("train")
-    clock.move(state.eval_seconds, "train", "eval")
-    clock.move(parts.diagnostics.seconds, "train", "diagnostics")  # of the logged steps
-    # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge)
-    if cfg.trainer.export:
-        _export(cfg, ds_engine, model, data, run_dir)
-    clock.lap("export")
-    # results: results.json (rank 0) and the closing console line
-    results = _results(cfg, data, state, total_steps, started, clock.seconds())
-    if logger is not None:
-        logger.close()
-        atomic_write_json(run_dir / "results.json", results)
-        log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
+    with logger or contextlib.nullcontext():
+        # loop: forward, loss, backward, step, log, checkpoint, eval
+        parts = LoopParts(
+            trainer=cfg.trainer,
+            ds_engine=ds_engine,
+            scheduler=scheduler,
+            model=model,
+            objective=objective,
+            reference=reference,
+            data=data,
+            sampler=sampler,
+            layout=PairLayout.from_config(cfg.trainer),
+            device=device,
+            total_steps=total_steps,
+            checkpoint_dir=checkpoint_dir,
+            logger=logger,
+            extras=extras,
+            eval_dir=run_dir / "eval",
+        )
+        run_loop(parts, state)
+        if dist_utils.is_main():
+            phases.mark_done(run_dir, "training", steps=state.step)
+        clock.lap("train")
+        clock.move(state.eval_seconds, "train", "eval")
+        clock.move(parts.diagnostics.seconds, "train", "diagnostics")  # of the logged steps
+        stop_point("after the final evaluation")
+        # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge);
+        # one finished for this step earlier (a rerun after a stop) is not redone
+        if cfg.trainer.export and not _exported(run_dir, state.step):
+            _export(cfg, ds_engine, model, data, run_dir)
+            if dist_utils.is_main():
+                phases.mark_done(run_dir, "export", step=state.step)
+            stop_point("after the export")
+        clock.lap("export")
+        # results: results.json (rank 0) and the closing console line
+        results = _results(cfg, data, state, total_steps, started, clock.seconds())
+        if logger is not None:
+            atomic_write_json(run_dir / "results.json", results)
+            phases.mark_done(run_dir, phases.COMPLETE, steps=state.step)
+            log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
     dist_utils.barrier()
     return results
+
+
+def _load_tokenizer(model_cfg: Any) -> Any:
+    """:func:`engine.model.loading.load_tokenizer`, imported here: transformers' model classes
+    come with it (seconds), so they wait until the config and the data's rows are checked."""
+    from engine.model.loading import load_tokenizer
+
+    return load_tokenizer(model_cfg)
+
+
+def _exported(run_dir: Path, step: int) -> bool:
+    """Whether the export of ``step`` finished earlier (its marker and ``final_model/``)."""
+    info = phases.done_info(run_dir, "export") if dist_utils.is_main() else None
+    done = info is not None and info.get("step") == step and (run_dir / "final_model").is_dir()
+    return bool(dist_utils.broadcast_object(done))
 
 
 def _export(
@@ -148,6 +222,8 @@ def _export(
 ) -> None:
     """``final_model/`` (every rank takes part: ZeRO-3 gathers); with adapters also
     ``final_adapter/``, and ``final_model/`` is the adapter merged into the unquantized base."""
+    from engine.model.loading import load_model
+
     if adapters.adapters_enabled(data.model_cfg):
         export_adapters(
             ds_engine,
@@ -160,18 +236,27 @@ def _export(
         export_hf_model(ds_engine, model, data.tokenizer, run_dir / "final_model")
 
 
-def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.device]:
-    """Check the config and build the objective (before anything is created), then start the
-    process group, resolve the batch for its world size (:func:`engine.config.resolve_batch`),
-    make the run directory with its config.yaml, seed, and pick the device. Returns the
-    resolved config, which the rest of the run reads."""
+def _check(cfg: DictConfig, world: int) -> tuple[DictConfig, PreferenceLoss]:
+    """Check the config and build the objective (before anything is created), and resolve the
+    batch for the launcher's world size ``world`` (:func:`engine.config.resolve_batch`). Returns
+    the resolved config, which the rest of the run reads."""
     validate_config(cfg)
     adapters.validate_adapter_config(cfg.model, cfg.deepspeed)
     objective = build_objective(cfg)
+    cfg = resolve_batch(cfg, world)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
+    return cfg, objective
+
+
+def _start(cfg: DictConfig, world: int) -> tuple[Path, torch.device]:
+    """Start the process group, make the run directory with its config.yaml, seed, and pick the
+    device; returns the run directory and the device."""
     dist_utils.init_distributed()
-    cfg = resolve_batch(cfg, dist_utils.world_size())
+    if dist_utils.world_size() != world:
+        raise RuntimeError(
+            f"the process group has {dist_utils.world_size()} processes, the launcher said {world}"
+        )
     run_dir = resolve_output_dir(cfg, "outputs/run")
     if dist_utils.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -181,7 +266,7 @@ def _setup(cfg: DictConfig) -> tuple[DictConfig, PreferenceLoss, Path, torch.dev
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    return cfg, objective, run_dir, device
+    return run_dir, device
 
 
 def _total_steps(trainer: DictConfig, sampler: StepSampler) -> int:
@@ -201,12 +286,13 @@ def _initialize_deepspeed(
     ds_config = build_deepspeed_config(
         cfg, model_dtype=next(model.parameters()).dtype, world_size=dist_utils.world_size()
     )
-    ds_engine, _, _, scheduler = deepspeed.initialize(
-        model=policy,
-        model_parameters=[p for p in policy.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: _lr_schedule(opt, cfg.trainer, total_steps),
-    )
+    with extensions.BuildLockWatch():  # an optimizer op built here (GPUs) never waits forever
+        ds_engine, _, _, scheduler = deepspeed.initialize(
+            model=policy,
+            model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: _lr_schedule(opt, cfg.trainer, total_steps),
+        )
     return ds_engine, scheduler
 
 
@@ -290,31 +376,33 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, trainer: DictConfig, total_st
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """``train`` with failure reporting for sweeps: a crash writes ``failed.json`` (error and
     traceback) in the run directory before re-raising, so a sweep's summary can list it. A stop
-    signal (:mod:`engine.runtime.preemption`) is no failure: after its checkpoint the process exits
-    for a requeue (status 75, or submitit's own requeue under ``hydra/launcher=slurm``)."""
+    signal (:mod:`engine.runtime.preemption`) is no failure: once the work done is kept the
+    process exits for a requeue (status 75, or submitit's own requeue under
+    ``hydra/launcher=slurm``)."""
+    with stop_signals_watched():
+        try:
+            return train(cfg)
+        except Preempted as stop:  # the work done is kept: exit for a requeue, below
+            stopped = stop
+        except Exception as error:
+            if dist_utils.is_main():
+                _write_failed(cfg, error)
+            raise
+    exit_preempted(stopped, requeue=cfg.trainer.get("resume") == "auto")
+
+
+def _write_failed(cfg: DictConfig, error: Exception) -> None:
+    """``failed.json`` in rank 0's own choice of run directory (what resolve_output_dir
+    broadcasts), found without a collective: the other ranks may be dead or stuck."""
     try:
-        return train(cfg)
-    except (
-        Preempted
-    ) as stop:  # checkpoint complete: exit for a requeue (engine/runtime/preemption.py)
-        exit_preempted(stop, requeue=cfg.trainer.get("resume") == "auto")
-    except Exception as error:
-        if dist_utils.is_main():
-            try:
-                # rank 0's own choice of directory (what resolve_output_dir broadcasts), found
-                # without a collective: the other ranks may be dead or stuck
-                path = chosen_output_dir(cfg, "outputs/run")
-                path.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(
-                    path / "failed.json",
-                    {
-                        "error": f"{type(error).__name__}: {error}",
-                        "traceback": traceback.format_exc(),
-                    },
-                )
-            except Exception:  # reporting must never mask the real error
-                pass
-        raise
+        path = chosen_output_dir(cfg, "outputs/run")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            path / "failed.json",
+            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+        )
+    except Exception:  # reporting must never mask the real error
+        pass
 
 
 if __name__ == "__main__":

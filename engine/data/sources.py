@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
-from engine.data.loading import DataReport, TokenizedPair, load_pairs
+from engine.data.loading import DataReport, TokenizedPair, check_rows, load_pairs
 from engine.runtime.errors import ConfigError
 from losses.registry import Registry
 
@@ -83,9 +83,10 @@ SOURCES.add("files", files_source)
 
 
 def prepare_data(cfg: DictConfig, tokenizer_loader: Callable[[Any], Any]) -> PreparedData:
-    """Resolve ``cfg.data`` through its source (``data.kind``, :data:`SOURCES`), then load the
-    tokenizer of the source's model config with ``tokenizer_loader`` (e.g.
-    :func:`engine.model.loading.load_tokenizer`) and the pairs."""
+    """Resolve ``cfg.data`` through its source (``data.kind``, :data:`SOURCES`), check the rows
+    of its local files without a tokenizer (a bad file fails in a second:
+    :func:`engine.data.loading.check_rows`), then load the tokenizer of the source's model config
+    with ``tokenizer_loader`` (e.g. :func:`engine.model.loading.load_tokenizer`) and the pairs."""
     kind = str(cfg.data.get("kind", "files"))
     try:
         resolve = SOURCES[kind]
@@ -93,6 +94,12 @@ def prepare_data(cfg: DictConfig, tokenizer_loader: Callable[[Any], Any]) -> Pre
         raise ConfigError(f"config key data.kind: {error}") from None
     source = resolve(cfg)
     data_cfg = source.data_cfg
+    for key, split, limit in (
+        ("train", data_cfg.split, data_cfg.get("limit")),
+        ("eval", data_cfg.eval_split, data_cfg.get("eval_limit")),
+    ):
+        if data_cfg.get(key):
+            check_rows(data_cfg[key], split=split, on_bad_row=data_cfg.on_bad_row, limit=limit)
     tokenizer = tokenizer_loader(source.model_cfg)
     options = {
         "max_length": int(data_cfg.max_length),

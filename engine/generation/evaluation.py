@@ -1,18 +1,25 @@
 """Benchmark accuracy by generation, as a library: generate, verify, summarise, tabulate.
 
-:func:`evaluate_benchmarks` runs every benchmark of a selection with a backend (sharded across
-ranks under a launcher, gathered on rank 0): ``results`` (``benchmarks.<name>`` = ``accuracy``,
-``stderr`` (binomial, sqrt(p (1 - p) / n)), ``n``, ``timeouts``; ``accuracy``: the unweighted
-average, as the paper's Avg.) and one :class:`Record` per problem. :class:`BenchmarkEvaluator` is
-what training calls on its own model at every evaluation; ``python -m engine.evaluate`` is the
-command around :func:`evaluate_benchmarks` for a saved model.
+:func:`evaluate_benchmarks` runs every benchmark of a selection with a backend (batches dealt out
+across ranks under a launcher, gathered on rank 0): ``results`` (``benchmarks.<name>`` =
+``accuracy``, ``stderr`` (binomial, sqrt(p (1 - p) / n)), ``n``, ``timeouts``; ``accuracy``: the
+unweighted average, as the paper's Avg.) and one :class:`Record` per problem.
+:class:`BenchmarkEvaluator` is what training calls on its own model at every evaluation;
+``python -m engine.evaluate`` is the command around :func:`evaluate_benchmarks` for a saved model.
+
+Long evaluations are kept batch by batch (``records_dir``): rank 0 appends each generation batch's
+records to ``<records_dir>/.parts/<name>.jsonl`` as it finishes, and writes
+``<records_dir>/<name>.jsonl`` (one line per problem, file order) once the benchmark is done. A
+stop signal (:mod:`engine.runtime.preemption`) is taken after a batch; evaluating into the same
+directory again skips finished benchmarks and batches, so a stopped evaluation loses at most the
+batches in flight (one per rank).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +31,17 @@ from engine.generation.backends import Backend, HFBackend, PromptFormat, complet
 from engine.generation.benchmarks import Benchmark, Problem, benchmarks_from_config
 from engine.generation.verifiers import VERIFIERS
 from engine.runtime import distributed as dist_utils
-from engine.runtime.distributed import gather_in_order, shard
-from engine.runtime.fileio import atomic_write_json, atomic_write_text
+from engine.runtime.distributed import gather_in_order
+from engine.runtime.fileio import (
+    append_log_entry,
+    atomic_write_json,
+    atomic_write_text,
+    read_log,
+)
+from engine.runtime.preemption import stop_point
+
+#: the work log of unfinished benchmarks, under ``records_dir``
+PARTS = ".parts"
 
 log = logging.getLogger(__name__)
 
@@ -89,44 +105,45 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
 
 
 def evaluate_benchmarks(
-    backend: Backend,
+    backend: Backend | Callable[[], Backend],
     tokenizer: Any,
     benchmarks: Sequence[Benchmark],
     *,
     problems: dict[str, list[Problem]] | None = None,
     lockstep: bool = False,
+    records_dir: Path | None = None,
+    batch_size: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Record]]]:
-    """Every benchmark, sharded across ranks: ``(results, records by benchmark)``.
+    """Every benchmark, its batches dealt out across ranks: ``(results, records by benchmark)``.
 
     ``results`` (the same on every rank) holds ``benchmarks.<name>`` (:func:`summarize`) and
     ``accuracy``, the unweighted average; the records are gathered on rank 0 (empty elsewhere).
-    ``problems`` (by benchmark name) saves reading the files again. ``lockstep`` gives every
-    rank the same number of prompts (a short shard repeats its last one, whose extra records are
-    dropped), so that ranks call ``generate`` equally often: ZeRO-3 needs every rank in every
-    forward (with ``HFBackend(synced_gpus=True)``).
+    ``backend`` may be a function that returns one (called only when a batch is left to generate).
+    ``problems`` (by benchmark name) saves reading the files again. ``batch_size``: problems per
+    generation batch (batch ``b`` goes to rank ``b % world``); None: one batch per rank.
+    ``records_dir``: keep the work there and skip what an earlier call kept (module docstring).
+    Every batch round (one batch per rank) ends at a stop point. ``lockstep`` pads every rank's
+    batch of a round to ``batch_size`` prompts (a rank without one generates padding), so that
+    ranks call ``generate`` equally often: ZeRO-3 needs every rank in every forward (with
+    ``HFBackend(synced_gpus=True)``).
     """
     summaries: dict[str, dict[str, float]] = {}
     all_records: dict[str, list[Record]] = {}
-    world = dist_utils.world_size()
+    loaded_backend: list[Backend] = []
+
+    def get_backend() -> Backend:
+        if not loaded_backend:
+            loaded_backend.append(backend() if callable(backend) else backend)
+        return loaded_backend[0]
+
     for benchmark in benchmarks:
         loaded = (problems or {}).get(benchmark.name) or benchmark.load()
-        items = shard([(p.problem, p.gold) for p in loaded])
-        padding = (-(-len(loaded) // world) - len(items)) if lockstep else 0
-        log.info("%s: generating %d completions on this rank", benchmark.name, len(items))
-        mine = generate_and_judge(
-            backend,
-            tokenizer,
-            items + [items[-1] if items else (loaded[0].problem, loaded[0].gold)] * padding,
-            prompt=benchmark.prompt,
-            verifier=benchmark.verifier,
-            max_new_tokens=benchmark.max_new_tokens,
-            temperature=benchmark.temperature,
-            top_p=benchmark.top_p,
+        records = _run_benchmark(
+            benchmark, loaded, get_backend, tokenizer, lockstep, records_dir, batch_size
         )
-        gathered = gather_in_order(mine[: len(items)])
-        if gathered is not None:
-            summaries[benchmark.name] = summarize(gathered)
-            all_records[benchmark.name] = gathered
+        if records is not None:
+            summaries[benchmark.name] = summarize(records)
+            all_records[benchmark.name] = records
             log.info("%s: %s", benchmark.name, summaries[benchmark.name])
     summaries = dist_utils.broadcast_object(summaries)
     results: dict[str, Any] = {
@@ -134,6 +151,92 @@ def evaluate_benchmarks(
         "accuracy": average(summaries),
     }
     return results, all_records
+
+
+def _run_benchmark(
+    benchmark: Benchmark,
+    loaded: list[Problem],
+    get_backend: Callable[[], Backend],
+    tokenizer: Any,
+    lockstep: bool,
+    records_dir: Path | None,
+    batch_size: int | None,
+) -> list[Record] | None:
+    """One benchmark's records in file order on rank 0 (None elsewhere), batch by batch."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    items = [(p.problem, p.gold) for p in loaded]
+    size = batch_size or max(1, -(-len(items) // world))
+    batches = -(-len(items) // size)
+    finished, kept = (
+        _kept(benchmark.name, records_dir, size) if dist_utils.is_main() else (None, None)
+    )
+    if dist_utils.broadcast_object(finished is not None):  # finished earlier: not redone
+        if dist_utils.is_main():
+            log.info("%s: finished earlier (%s)", benchmark.name, records_dir)
+        return finished
+    done = dist_utils.broadcast_object(None if kept is None else sorted(kept))
+    todo = [[b for b in range(r, batches, world) if b not in done] for r in range(world)]
+    if done and dist_utils.is_main():
+        log.info("%s: %d of %d batches kept by an earlier run", benchmark.name, len(done), batches)
+    log_path = None if records_dir is None else records_dir / PARTS / f"{benchmark.name}.jsonl"
+    rounds = max(len(mine) for mine in todo)
+    for round_ in range(rounds):
+        batch = todo[rank][round_] if round_ < len(todo[rank]) else None
+        chunk = items[batch * size : (batch + 1) * size] if batch is not None else []
+        padded = chunk
+        if lockstep and items:  # every rank generates `size` prompts (the padding's records are
+            # dropped): ZeRO-3 needs every rank in every forward
+            padded = chunk + [chunk[-1] if chunk else items[0]] * (size - len(chunk))
+        out = []
+        if padded:
+            out = generate_and_judge(
+                get_backend(),
+                tokenizer,
+                padded,
+                prompt=benchmark.prompt,
+                verifier=benchmark.verifier,
+                max_new_tokens=benchmark.max_new_tokens,
+                temperature=benchmark.temperature,
+                top_p=benchmark.top_p,
+                seed=batch or 0,
+            )[: len(chunk)]
+        gathered = gather_in_order([(batch, out)])
+        if gathered is not None and kept is not None:
+            for index, records in gathered:
+                if index is None:
+                    continue
+                kept[index] = records
+                if log_path is not None:
+                    entry = {"batch": index, "size": size, "records": list(map(asdict, records))}
+                    append_log_entry(log_path, entry)
+        stop_point(f"in evaluation after {benchmark.name} batch round {round_ + 1} of {rounds}")
+    if kept is None:
+        return None
+    records = [r for b in range(batches) for r in kept[b]]
+    if records_dir is not None:
+        write_jsonl(records_dir / f"{benchmark.name}.jsonl", (asdict(r) for r in records))
+        if log_path is not None:
+            log_path.unlink(missing_ok=True)
+    return records
+
+
+def _kept(
+    name: str, records_dir: Path | None, size: int
+) -> tuple[list[Record] | None, dict[int, list[Record]]]:
+    """What ``records_dir`` keeps of benchmark ``name`` (read on rank 0): ``(records, {})`` when
+    it finished, else ``(None, {batch: records})`` for the batches of ``size`` problems found."""
+    if records_dir is None:
+        return None, {}
+    final = records_dir / f"{name}.jsonl"
+    if final.is_file():
+        return [Record(**row) for row in read_log(final)], {}
+    entries = read_log(records_dir / PARTS / f"{name}.jsonl")
+    # a batch kept with another batch size holds other problems: not reused
+    return None, {
+        int(e["batch"]): [Record(**row) for row in e["records"]]
+        for e in entries
+        if e.get("size") == size
+    }
 
 
 class BenchmarkEvaluator:
@@ -144,7 +247,12 @@ class BenchmarkEvaluator:
     returns flat metrics (logged as ``eval/<key>``; ``results.json`` nests them):
     ``accuracy`` (the average) and ``benchmarks/<name>/{accuracy, stderr, n, timeouts}``, the same
     on every rank. ``lockstep`` (ZeRO-3 on several ranks) keeps every rank in every forward.
+    It keeps its records (:data:`keeps_records`): the loop gives each evaluation a directory of its
+    own, where an evaluation redone after a stop finds the batches already generated.
     """
+
+    #: evaluate() takes ``records=<directory>`` (the Evaluator protocol's optional capability)
+    keeps_records = True
 
     def __init__(
         self,
@@ -157,8 +265,11 @@ class BenchmarkEvaluator:
         self.problems = {b.name: b.load() for b in self.benchmarks}
         self.batch_size, self.lockstep, self.decoder = batch_size, lockstep, decoder
 
-    def evaluate(self, model: Any, tokenizer: Any, device: Any) -> dict[str, float]:
-        """Greedy (or as configured) accuracy on every benchmark, and their average."""
+    def evaluate(
+        self, model: Any, tokenizer: Any, device: Any, records: Path | None = None
+    ) -> dict[str, float]:
+        """Greedy (or as configured) accuracy on every benchmark, and their average; the
+        records of each generation batch kept in ``records`` (see :func:`evaluate_benchmarks`)."""
         backend = HFBackend(
             model,
             tokenizer,
@@ -169,7 +280,13 @@ class BenchmarkEvaluator:
             progress="evaluation",
         )
         results, _ = evaluate_benchmarks(
-            backend, tokenizer, self.benchmarks, problems=self.problems, lockstep=self.lockstep
+            backend,
+            tokenizer,
+            self.benchmarks,
+            problems=self.problems,
+            lockstep=self.lockstep,
+            records_dir=records,
+            batch_size=self.batch_size,
         )
         metrics = {"accuracy": float(results["accuracy"])}
         for name, summary in results["benchmarks"].items():
@@ -177,16 +294,20 @@ class BenchmarkEvaluator:
         return metrics
 
 
-def benchmark_evaluators(cfg: DictConfig) -> list[BenchmarkEvaluator]:
+def benchmark_evaluators(
+    cfg: DictConfig, world_size: int | None = None
+) -> list[BenchmarkEvaluator]:
     """Training's benchmark evaluator for ``cfg.benchmark`` (none when no benchmark is selected):
     ``generation.batch_size`` prompts per ``generate`` call, ``generation.decoder``, lockstep
-    under ZeRO-3."""
+    under ZeRO-3 on several ranks (``world_size``: the launcher's, when the process group is not
+    up yet)."""
     if not cfg.get("benchmark"):
         return []
     stage = int(OmegaConf.select(cfg, "deepspeed.zero_optimization.stage", default=0) or 0)
     batch_size = int(OmegaConf.select(cfg, "generation.batch_size", default=64) or 64)
     decoder = str(OmegaConf.select(cfg, "generation.decoder", default="auto") or "auto")
-    lockstep = stage == 3 and dist_utils.world_size() > 1
+    world_size = dist_utils.world_size() if world_size is None else world_size
+    lockstep = stage == 3 and world_size > 1
     return [
         BenchmarkEvaluator(cfg.benchmark, batch_size=batch_size, lockstep=lockstep, decoder=decoder)
     ]

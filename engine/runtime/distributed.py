@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from engine.runtime import extensions
+
 #: every variable a launcher (torchrun, the deepspeed launcher, SLURM's srun) or
 #: :func:`init_distributed` for a world of one sets to describe a process's place in its job. A
 #: child process that must start a job of its own (a sweep's run, a test's subprocess) is given an
@@ -66,14 +68,23 @@ def _slurm_master(environ: dict[str, str]) -> str:
     return environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
 
 
-def rendezvous_env(environ: dict[str, str]) -> dict[str, str]:
+def launched_world_size(environ: dict[str, str] | None = None) -> int:
+    """The number of processes a launcher started (1 without one), known before the process
+    group exists: ``WORLD_SIZE``, else an srun step's task count (see :func:`rendezvous_env`)."""
+    environ = dict(os.environ if environ is None else environ)
+    if "WORLD_SIZE" in environ:
+        return int(environ["WORLD_SIZE"])
+    return int(rendezvous_env(environ, port=0)["WORLD_SIZE"])
+
+
+def rendezvous_env(environ: dict[str, str], port: int | None = None) -> dict[str, str]:
     """The rendezvous variables to add to ``environ`` before the process group is created.
 
     - a launcher (torchrun, deepspeed) already set ``WORLD_SIZE``: nothing to add;
     - SLURM tasks (``srun``, submitit with ``tasks_per_node`` > 1): rank, local rank and world
       size from ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_STEP_NUM_TASKS``, the first node as
       master, a port derived from the job id (so array jobs sharing a node do not collide);
-    - otherwise a world of one on this host, on a free port.
+    - otherwise a world of one on this host, on a free port (``port``, when given).
     """
     if "WORLD_SIZE" in environ:
         return {}
@@ -93,21 +104,28 @@ def rendezvous_env(environ: dict[str, str]) -> dict[str, str]:
         "LOCAL_RANK": environ.get("LOCAL_RANK", "0"),
         "WORLD_SIZE": "1",
         "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
-        "MASTER_PORT": environ.get("MASTER_PORT") or str(_free_port()),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(_free_port() if port is None else port),
     }
 
 
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); idempotent.
 
-    Sets the rendezvous variables first when no launcher did (see :func:`rendezvous_env`).
+    Sets the rendezvous variables first when no launcher did (see :func:`rendezvous_env`). A world
+    of one on a CPU does without DeepSpeed's shared-memory op (never used there); a larger one
+    loads it from the venv's prebuilt copy, a stale build lock cleared
+    (:mod:`engine.runtime.extensions`).
     """
     os.environ.update(rendezvous_env(dict(os.environ)))
     if dist.is_available() and dist.is_initialized():
         return
+    extensions.use_venv_extensions_dir()
     import deepspeed
 
-    deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        extensions.skip_shm_op()
+    with extensions.BuildLockWatch():
+        deepspeed.init_distributed(dist_init_required=True, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

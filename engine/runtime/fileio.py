@@ -1,6 +1,11 @@
 """Atomic file writes: a reader (or a run that crashes mid-write) sees the old file or the new
 one, never half of one. Every file this project produces (checkpoint markers, results, reports,
 plots, converted data) goes through here. Standard library only, so light to import.
+
+Work that is kept unit by unit (sampled batches, evaluation batches) goes to an append-only JSON
+Lines log instead: :func:`append_log_entry` adds one fsynced line per finished unit and
+:func:`read_log` reads the finished ones back, ignoring a last line that a killed process left
+half-written.
 """
 
 from __future__ import annotations
@@ -68,3 +73,46 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def read_log(path: str | os.PathLike, what: str = "entry") -> list[dict[str, Any]]:
+    """The entries of an append-only JSON Lines log (:func:`append_log_entry`); none when the file
+    does not exist. A last line without its newline (the writer died mid-line) is ignored; any
+    other unreadable line is a ``ValueError`` naming the file and line (``not a finished
+    <what>``)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines if text.endswith("\n") else lines[:-1]
+    entries = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: not a finished {what} ({error})") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: line {number}: not a finished {what} (not an object)")
+        entries.append(entry)
+    return entries
+
+
+def append_log_entry(path: str | os.PathLike, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to the log at ``path`` as one line, flushed and fsynced before returning
+    (a unit of work is kept once this returns). A half-written last line left by a killed writer
+    is cut first, so the new entry starts on a line of its own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # rare (a killed writer): read it all to find the cut
+                handle.seek(0)
+                handle.truncate(handle.read().rfind(b"\n") + 1)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -78,7 +78,7 @@ def test_signal_is_recorded_and_handlers_come_back(fake_submitit, signum):
     assert signal.getsignal(signal.SIGTERM) is handler
     assert signal.getsignal(signal.SIGUSR1) == before_usr1
     assert isinstance(stop, Preempted) and stop.step == 7 and stop.signals == (signum,)
-    assert f"stopped after step 7 on {signum.name}" in str(stop)
+    assert f"stopped after step 7, on {signum.name}" in str(stop)
 
 
 def test_no_signal_no_stop_and_an_exception_restores_handlers(fake_submitit):
@@ -147,6 +147,27 @@ def test_without_resume_the_signal_is_not_handed_on(fake_submitit, caplog):
         exit_preempted(guard.preempted(1), requeue=False)
     assert exited.value.code == PREEMPTED_EXIT_CODE and calls == []
     assert "trainer.resume is not 'auto'" in caplog.text
+
+
+def test_one_guard_per_process_and_stop_points_anywhere(fake_submitit):
+    """A guard entered inside another stands for it (the commands nest train() in run()); a stop
+    point raises Preempted with its words once a signal came, and does nothing without a guard
+    (a library call outside the commands)."""
+    from engine.runtime.preemption import active_guard, stop_point, watch_from_start
+
+    stop_point("anywhere")  # no guard: nothing happens
+    watch_from_start("engine.train")  # imported, not run as a command: no guard either
+    assert active_guard() is None
+    with PreemptionGuard() as outer:
+        with PreemptionGuard() as inner:
+            assert inner is outer is active_guard()
+            stop_point("in a phase")  # nothing received yet
+            signal.raise_signal(signal.SIGUSR1)
+            with pytest.raises(Preempted, match="stopped in a phase, on SIGUSR1") as stopped:
+                stop_point("in a phase")
+        assert active_guard() is outer  # the inner one left the handlers alone
+        assert stopped.value.where == "in a phase" and stopped.value.step is None
+    assert active_guard() is None
 
 
 class HydraLikeJob:
@@ -336,7 +357,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(
     [stopped] = complete_steps(checkpoints)
     assert seen <= stopped < STEPS, output[-4000:]
     assert latest_verified_step(checkpoints) == stopped
-    assert f"stopped after step {stopped} on SIGTERM" in output
+    assert f"stopped after step {stopped} (saved), on SIGTERM" in output
     assert not (run_dir / "results.json").exists() and not (run_dir / "final_model").exists()
     assert not (run_dir / "failed.json").exists()  # a stop is not a failure
     assert max(row["step"] for row in metrics_rows(run_dir)) <= stopped
@@ -388,4 +409,45 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(
     assert latest_verified_step(checkpoints) == stopped
     saved = read_manifest(checkpoints / f"step_{stopped}")["files"]
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= saved.keys()
-    assert f"stopped after step {stopped} on SIGTERM" in output
+    assert f"stopped after step {stopped} (saved), on SIGTERM" in output
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_in_the_reference_pass_stops_both_after_the_same_shard(
+    tmp_path, base_overrides, cli
+):
+    """Outside the loop too: rank 1 alone is signalled while the reference pass runs (frozen
+    the moment the first shard is kept, then signalled, then let go); both ranks leave with the
+    requeue status after the same shard, and the rerun scores only the shards left."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *cell_overrides(base_overrides, run_dir),
+        "trainer.micro_batch_size=1",
+        "reference.shard_pairs=1",  # 16 + 5 shards, each scored by both ranks together
+    ]
+    proc = start_training(cli, overrides, tmp_path, nproc=2)
+    first = run_dir / "reference" / "train-00000.pt"
+    deadline = time.monotonic() + 300
+    while not first.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was kept"
+        time.sleep(0.005)
+    rank1 = worker_pid(proc.pid, 1)
+    for signum in (signal.SIGSTOP, signal.SIGTERM, signal.SIGCONT):
+        os.kill(rank1, signum)
+    output = finish(cli, proc, tmp_path)
+    for rank in (0, 1):
+        report = rf"rank\s+: {rank} \(local_rank: {rank}\)\s+exitcode\s+: {PREEMPTED_EXIT_CODE} "
+        assert re.search(report, output), output[-4000:]
+    [stopped] = set(
+        re.findall(r"stopped in the reference pass after train shard (\d+) of 16", output)
+    )
+    kept = sorted(p.name for p in (run_dir / "reference").glob("train-*.pt"))
+    assert kept == [f"train-{i:05d}.pt" for i in range(int(stopped))]
+    assert not (run_dir / "checkpoints").exists()  # stopped before the first step
+
+    resumed = start_training(cli, overrides, tmp_path / "resumed", nproc=2)
+    output = finish(cli, resumed, tmp_path / "resumed")
+    assert resumed.returncode == 0, output[-4000:]
+    assert f"train: {stopped} of 16 shards kept" in output
+    assert (run_dir / "results.json").is_file() and not (run_dir / "reference").exists()

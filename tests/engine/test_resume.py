@@ -173,3 +173,43 @@ def test_latest_complete_step_ignores_incomplete_saves(tmp_path):
     assert latest_complete_step(checkpoints) == 10
     (checkpoints / "latest").write_text("garbage")
     assert latest_complete_step(checkpoints) == 20
+
+
+@pytest.mark.slow
+def test_a_failed_final_evaluation_is_redone_from_the_final_checkpoint(
+    tmp_path, train_run, metrics_rows, metrics_match, monkeypatch, caplog
+):
+    """The final checkpoint is written before the final evaluation: when that evaluation fails,
+    the rerun resumes from it and evaluates, without training a step again, and ends where an
+    uninterrupted run ends."""
+    import engine.loop
+
+    expected, _ = train_run(tmp_path / "expected", "trainer.save_every=0", eval=True, steps=4)
+    real_evaluate = engine.loop.evaluate
+
+    def failing_at_the_end(parts, step=None):
+        if step == parts.total_steps:
+            raise RuntimeError("the benchmark server went away")
+        return real_evaluate(parts, step)
+
+    monkeypatch.setattr(engine.loop, "evaluate", failing_at_the_end)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="went away"):
+        train_run(run_dir, "trainer.save_every=0", "trainer.resume=auto", eval=True, steps=4)
+    assert complete_steps(run_dir / "checkpoints") == [4]  # saved before it was judged
+    assert not (run_dir / "results.json").exists()
+
+    monkeypatch.setattr(engine.loop, "evaluate", real_evaluate)
+    steps_trained = []
+    real_step = engine.loop.train_step
+    monkeypatch.setattr(
+        engine.loop, "train_step", lambda *a, **k: steps_trained.append(1) or real_step(*a, **k)
+    )
+    with caplog.at_level("INFO", logger="engine.train"):
+        results, _ = train_run(
+            run_dir, "trainer.save_every=0", "trainer.resume=auto", eval=True, steps=4
+        )
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_4'}" in caplog.text
+    assert steps_trained == []  # only the evaluation was redone
+    metrics_match.rows(metrics_rows(run_dir), metrics_rows(tmp_path / "expected"), rtol=RTOL)
+    metrics_match.results(results, expected, rtol=RTOL)

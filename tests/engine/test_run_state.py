@@ -11,7 +11,9 @@ from engine.run_state import RunState, find_resume_step, restore
 
 
 def test_client_state_round_trip() -> None:
-    state = RunState(step=7, last_train={"train/loss": 0.5}, last_eval={"eval/loss": 0.6})
+    state = RunState(
+        step=7, last_train={"train/loss": 0.5}, last_eval={"eval/loss": 0.6}, eval_pending=True
+    )
     state.window.add(torch.arange(9, dtype=torch.float64))
     client = state.to_client_state(torch.device("cpu"))
     assert client == {
@@ -19,9 +21,11 @@ def test_client_state_round_trip() -> None:
         "window": [float(i) for i in range(9)],
         "last_train": {"train/loss": 0.5},
         "last_eval": {"eval/loss": 0.6},
+        "eval_pending": True,  # saved before its step's evaluation was logged
     }
     back = RunState.from_client_state(client, default_step=3)
     assert (back.step, back.last_train, back.last_eval) == (7, state.last_train, state.last_eval)
+    assert back.eval_pending
     assert torch.equal(back.window.sums, state.window.sums)
     # an older checkpoint without our keys: its step, an empty window, nothing logged
     old = RunState.from_client_state({}, default_step=3)
@@ -31,6 +35,7 @@ def test_client_state_round_trip() -> None:
         {},
         False,
     )
+    assert not old.eval_pending
 
 
 def test_a_fresh_run_starts_from_an_empty_state(tmp_path) -> None:

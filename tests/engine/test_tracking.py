@@ -198,3 +198,91 @@ def test_a_training_run_reports_to_every_tracker(offline_trackers, train_run):
     params, metrics, status = read_mlflow(tmp_path)
     assert params["data.kind"] == "files" and params["trainer.max_steps"] == "2"
     assert [step for step, _ in metrics["train/loss"]] == [1, 2] and status == "FINISHED"
+
+
+def wandb_attempts(wandb_dir: Path) -> list[dict]:
+    """Per offline W&B run file, in start order: its run id, exit code and whether it was marked
+    preempting (each attempt of a resumed run writes a file of its own, with the same id)."""
+    attempts = []
+    for run_file in sorted((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        found = {"run_id": None, "exit_code": None, "preempting": False, "steps": []}
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                found["run_id"] = record.run.run_id
+            elif kind == "exit":
+                found["exit_code"] = record.exit.exit_code
+            elif kind == "preempting":
+                found["preempting"] = True
+            elif kind == "history":
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+                found["steps"].append(row["_step"])
+        attempts.append(found)
+    return attempts
+
+
+def test_a_stopped_then_failed_run_closes_its_tracker_runs_and_resumes_the_same_ones(
+    offline_trackers, compose_config, base_overrides, monkeypatch
+):
+    """A stop signal in the loop ends the W&B run as preempting with the requeue status and the
+    MLflow run as KILLED; an error as exit code 1 / FAILED; each rerun continues the same runs,
+    which end FINISHED with every step logged once."""
+    import signal
+
+    import engine.loop
+    import engine.train
+    from engine.runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    tmp_path = offline_trackers
+    cfg = compose_config(
+        [
+            *base_overrides(tmp_path / "run", eval=True, steps=4),
+            "trainer.report_to=[wandb,mlflow]",
+            "trainer.tensorboard=false",
+            "trainer.save_every=0",
+            "trainer.resume=auto",
+        ]
+    )
+    real_step, calls = engine.loop.train_step, []
+
+    def stopped_at_step_two(parts, batch, diagnose=False):  # SIGTERM from "outside" at step 2
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(parts, batch, diagnose)
+
+    monkeypatch.setattr(engine.loop, "train_step", stopped_at_step_two)
+    with pytest.raises(Preempted, match="after step 2"):
+        engine.train.train(cfg)
+    _, _, status = read_mlflow(tmp_path)
+    assert status == "KILLED"
+    [stopped] = wandb_attempts(tmp_path / "wandb_dir")
+    assert stopped["exit_code"] == PREEMPTED_EXIT_CODE and stopped["preempting"]
+
+    monkeypatch.setattr(engine.loop, "train_step", real_step)
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("the disk is full")
+
+    real_export = engine.train._export
+    monkeypatch.setattr(engine.train, "_export", broken_export)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        engine.train.train(cfg)
+    _, _, status = read_mlflow(tmp_path)  # the same single run
+    assert status == "FAILED"
+    failed = wandb_attempts(tmp_path / "wandb_dir")[-1]
+    assert failed["exit_code"] == 1 and not failed["preempting"]
+
+    monkeypatch.setattr(engine.train, "_export", real_export)
+    engine.train.train(cfg)
+    _, metrics, status = read_mlflow(tmp_path)
+    assert status == "FINISHED"
+    assert [step for step, _ in metrics["train/loss"]] == [1, 2, 3, 4]  # each step once
+    attempts = wandb_attempts(tmp_path / "wandb_dir")
+    assert len(attempts) == 3 and len({a["run_id"] for a in attempts}) == 1
+    assert attempts[-1]["exit_code"] == 0
+    logged = [step for attempt in attempts for step in attempt["steps"]]
+    assert sorted(set(logged)) == [1, 2, 3, 4]
