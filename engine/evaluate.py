@@ -33,6 +33,7 @@ import engine.task  # noqa: F401  (registers the embedded task's verifier)
 from engine.generation.backends import load_backend
 from engine.generation.benchmarks import benchmarks_from_config
 from engine.generation.evaluation import evaluate_benchmarks, markdown_table, write_outputs
+from engine.model.conversion import resolve_model_config
 from engine.runtime import distributed as dist_utils
 from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
 
@@ -46,9 +47,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("no benchmarks selected: benchmark=[math500,...] (conf/benchmark/)")
     problems = {b.name: b.load() for b in benchmarks}  # a bad file fails before any model work
     init_if_launched()
-    backend, tokenizer = load_backend(cfg.generation, cfg.model)
+    model_cfg = resolve_model_config(cfg.model)  # model=smollm2_135m: converted on first use
+    backend, tokenizer = load_backend(cfg.generation, model_cfg)
     results, records = evaluate_benchmarks(backend, tokenizer, benchmarks, problems=problems)
-    results["model"] = cfg.model.get("name_or_path") or "tiny (random weights)"
+    results["model"] = model_cfg.get("name_or_path") or "tiny (random weights)"
     run_dir = resolve_output_dir(cfg, "outputs/evaluate")
     if dist_utils.is_main():
         model = Path(str(results["model"]))  # a run's final_model/ is named by its run dir
