@@ -33,7 +33,7 @@ from engine.data.batching import StepSampler, step_sampler
 from engine.data.packing import PairLayout
 from engine.data.pair_extras import PairExtras
 from engine.data.sources import PreparedData, prepare_data
-from engine.generation.evaluation import benchmark_evaluators
+from engine.generation.evaluation import benchmark_evaluators, merge_benchmark_evaluators
 from engine.loop import LoopParts, run_loop
 from engine.model import adapters
 from engine.model.adapter_export import export_adapters
@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     benchmarks = benchmark_evaluators(cfg)
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators
     data = prepare_data(cfg, load_tokenizer)
-    data.evaluators.extend(benchmarks)
+    data.evaluators = merge_benchmark_evaluators([*data.evaluators, *benchmarks])  # one average
     # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
     # before the model loads
     needs = objective.requirements
