@@ -1,10 +1,10 @@
 """Reproduce the BPO paper's tables in miniature: the sweeps, then the reports, one command.
 
-    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis] [--jobs N]
+    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis,real] [--jobs N]
         [--out experiments/results] [--sweep-root multirun/reproduce] [--seeds 0,1,2]
         [--dry-run] [extra hydra overrides for every job...]
 
-Tables (``--table``, default all), each written to ``<out>/<table>/``:
+Tables (``--table``, default the first four), each written to ``<out>/<table>/``:
 - ``ablation``: six losses x {difference, balanced at alpha 0.3}, the chosen-NLL control, alpha
   in {0.1, 0.5, 1.0} for logistic and hinge (``+experiment=ablation``, ``ablation_control``,
   ``ablation_alpha``);
@@ -13,7 +13,10 @@ Tables (``--table``, default all), each written to ``<out>/<table>/``:
 - ``scale``: DPO vs BPO at three sizes of the tiny model, each from its own SFT model
   (``+experiment=scale``), paired gains;
 - ``hypothesis``: the ablation's balanced cells under plain SGD (``+experiment=hypothesis``)
-  beside the same cells under AdamW, with the margin and gradient-weight diagnostics.
+  beside the same cells under AdamW, with the margin and gradient-weight diagnostics;
+- ``real`` (only when named: the ``real`` extra, about 45 minutes on 2 cores): the paper's
+  pipeline on SmolLM2-135M-Instruct and reasoning-gym problems (``+experiment=real``): its start,
+  its pairs (made once, before the sweep), DPO / BPO / the chosen-NLL control with LoRA.
 Every table also reports its cells' convergence (accuracy against step from periodic evaluation,
 steps to SFT + 10 points) and each run's cost split (startup, reference pass, training,
 evaluation) from results.json's ``timings``.
@@ -170,7 +173,7 @@ def _run(cmd: list[str], dry_run: bool) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tables' sweeps and write their reports; returns the exit status."""
-    from experiments.tables.plan import TABLE_SWEEPS, plan, task_models
+    from experiments.tables.plan import DEFAULT_TABLES, TABLE_SWEEPS, plan, preparations
 
     parser = argparse.ArgumentParser(
         prog="python -m experiments.reproduce", description=__doc__.split("\n")[0]
@@ -182,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3)")
     parser.add_argument(
         "--table",
-        default=",".join(TABLE_SWEEPS),
-        help=f"comma-separated tables (default all: {','.join(TABLE_SWEEPS)})",
+        default=",".join(DEFAULT_TABLES),
+        help=f"comma-separated tables of {','.join(TABLE_SWEEPS)} (default "
+        f"{','.join(DEFAULT_TABLES)})",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the commands, run nothing, write nothing"
@@ -218,18 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     commands: list[str] = []
     statuses: dict[str, int] = {}
     timings: dict[str, float] = {}
-    # the task's SFT model and pairs per model size first, one process each: jobs only read them
-    for model in task_models(planned):
-        warm = [sys.executable, "-m", "experiments.prepare_task", f"model={model}"]
+    # the task's SFT model and pairs per model size (and each sweep's own data: the real
+    # model's start and pairs) first, one process each with every core: jobs only read them
+    for step in preparations(planned):
+        name = " ".join(step)
+        warm = [sys.executable, "-m", "experiments.prepare_task", *step]
         warm += task_overrides(args.overrides)
         commands.append(shlex.join(warm))
-        statuses[f"prepare_task {model}"], timings[f"prepare_task {model}_s"] = _run(
+        statuses[f"prepare_task {name}"], timings[f"prepare_task {name}_s"] = _run(
             warm, args.dry_run
         )
-        if statuses[f"prepare_task {model}"] != 0:
-            print(
-                f"error: building the task for model={model} failed; no sweep run", file=sys.stderr
-            )
+        if statuses[f"prepare_task {name}"] != 0:
+            print(f"error: preparing {name} failed; no sweep run", file=sys.stderr)
             return 1
     for p in planned:
         cmd = sweep_command(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
-from experiments.tables import convergence, costs, hypothesis, methods, scale
+from experiments.tables import convergence, costs, hypothesis, methods, real, scale
 from experiments.tables.ablation import Run, write_report
 from experiments.tables.select import collect, group, method_of, optimizer_of, sft_accuracy, size_of
 
@@ -25,6 +25,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "methods": ("ablation", "methods"),
     "scale": ("ablation", "methods", "scale"),
     "hypothesis": ("ablation", "hypothesis"),
+    "real": ("real",),
 }
 
 
@@ -167,11 +168,28 @@ def write_ablation(sweep_root: Path, out: Path) -> Path:
     return _finish("ablation", out, text, None, cells, [], sft_accuracy(runs))
 
 
+def write_real(sweep_root: Path, out: Path) -> Path:
+    """real.md / .csv, accuracy and convergence plots, and the cost of each method's runs."""
+    runs = _runs(sweep_root, "real")
+    table = real.build(runs)
+    cells = {str(k): v for k, v in group(runs, method_of).items()}
+    md = real.render_markdown(table) + "\n" + _demote(costs.render_markdown(cells, "real runs"))
+    plots = real.plot(table, cells, out)
+    if plots:
+        md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({p})" for p in plots) + "\n"
+    atomic_write_text(out / "real.csv", real.render_csv(table))
+    atomic_write_text(out / "costs.csv", costs.render_csv(cells))
+    path = out / "real.md"
+    atomic_write_text(path, md)
+    return path
+
+
 TABLES: dict[str, Callable[[Path, Path], Path]] = {
     "ablation": write_ablation,
     "methods": write_methods,
     "scale": write_scale,
     "hypothesis": write_hypothesis,
+    "real": write_real,
 }
 
 
