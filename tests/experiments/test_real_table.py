@@ -128,3 +128,16 @@ def test_the_real_table_is_planned_only_when_asked() -> None:
     assert plan.preparations(planned) == [["+experiment=real"]]
     both, _ = plan.plan(["methods", "real"])
     assert plan.preparations(both) == [["model=tiny"], ["+experiment=real"]]
+
+
+def test_reproduce_prepares_then_sweeps_the_real_table(tmp_path: Path, capsys) -> None:
+    from experiments.reproduce import main
+
+    assert main(["--dry-run", "--table", "real", "--sweep-root", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2
+    assert "experiments.prepare_task +experiment=real" in commands[0]
+    assert "engine.train -m +experiment=real " in commands[1] and "seed=0,1,2" in commands[1]
+    assert main(["--dry-run", "--sweep-root", str(tmp_path / "s")]) == 0  # not by default
+    assert "+experiment=real" not in capsys.readouterr().out
