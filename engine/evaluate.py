@@ -54,6 +54,7 @@ from engine.generation.evaluation import (
     markdown_table,
     write_outputs,
 )
+from engine.model.conversion import resolve_model_config
 from engine.runtime import distributed as dist_utils
 from engine.runtime import phases
 from engine.runtime.fileio import atomic_write_json
@@ -82,12 +83,13 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     finished = _check_settings(cfg, run_dir)
     if finished is not None:  # this evaluation finished earlier: its results, not redone
         return finished
-    model = cfg.model.get("name_or_path") or "tiny (random weights)"
+    model_cfg = resolve_model_config(cfg.model)  # model=smollm2_135m: converted on first use
+    model = model_cfg.get("name_or_path") or "tiny (random weights)"
     from engine.model.loading import load_tokenizer  # transformers' model classes: seconds
 
     results, records = evaluate_benchmarks(
-        lambda: load_backend(cfg.generation, cfg.model)[0],  # loaded when a batch is left
-        load_tokenizer(cfg.model),
+        lambda: load_backend(cfg.generation, model_cfg)[0],  # loaded when a batch is left
+        load_tokenizer(model_cfg),
         benchmarks,
         problems=problems,
         records_dir=run_dir / "records",

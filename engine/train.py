@@ -49,7 +49,7 @@ from engine.data.batching import StepSampler, step_sampler
 from engine.data.packing import PairLayout
 from engine.data.pair_extras import PairExtras
 from engine.data.sources import PreparedData, prepare_data
-from engine.generation.evaluation import benchmark_evaluators
+from engine.generation.evaluation import benchmark_evaluators, merge_benchmark_evaluators
 from engine.loop import LoopParts, discard_abandoned_evaluations, run_loop
 from engine.model import adapters
 from engine.model.adapter_export import export_adapters
@@ -95,7 +95,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # data: the data source resolves to a model config, tokenizer, pairs and evaluators (its
     # files' rows are checked before the tokenizer loads)
     data = prepare_data(cfg, _load_tokenizer)
-    data.evaluators.extend(benchmarks)
+    data.evaluators = merge_benchmark_evaluators([*data.evaluators, *benchmarks])  # one average
     # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
     # before the model loads
     needs = objective.requirements

@@ -1,10 +1,10 @@
 """Reproduce the BPO paper's tables in miniature: the sweeps, then the reports, one command.
 
-    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis] [--jobs N]
+    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis,real] [--jobs N]
         [--out experiments/results] [--sweep-root multirun/reproduce] [--seeds 0,1,2]
         [--dry-run] [extra hydra overrides for every job...]
 
-Tables (``--table``, default all), each written to ``<out>/<table>/``:
+Tables (``--table``, default the first four), each written to ``<out>/<table>/``:
 - ``ablation``: six losses x {difference, balanced at alpha 0.3}, the chosen-NLL control, alpha
   in {0.1, 0.5, 1.0} for logistic and hinge (``+experiment=ablation``, ``ablation_control``,
   ``ablation_alpha``);
@@ -13,7 +13,10 @@ Tables (``--table``, default all), each written to ``<out>/<table>/``:
 - ``scale``: DPO vs BPO at three sizes of the tiny model, each from its own SFT model
   (``+experiment=scale``), paired gains;
 - ``hypothesis``: the ablation's balanced cells under plain SGD (``+experiment=hypothesis``)
-  beside the same cells under AdamW, with the margin and gradient-weight diagnostics.
+  beside the same cells under AdamW, with the margin and gradient-weight diagnostics;
+- ``real`` (only when named: the ``real`` extra, about 45 minutes on 2 cores): the paper's
+  pipeline on SmolLM2-135M-Instruct and reasoning-gym problems (``+experiment=real``): its start,
+  its pairs (made once, before the sweep), DPO / BPO / the chosen-NLL control with LoRA.
 Every table also reports its cells' convergence (accuracy against step from periodic evaluation,
 steps to SFT + 10 points) and each run's cost split (startup, reference pass, training,
 evaluation) from results.json's ``timings``.
@@ -174,7 +177,7 @@ def _run(cmd: list[str], dry_run: bool) -> tuple[int, float]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked: jobs, known tables, and a sweep root that holds no runs yet."""
-    from experiments.tables.plan import TABLE_SWEEPS
+    from experiments.tables.plan import DEFAULT_TABLES, TABLE_SWEEPS
 
     parser = argparse.ArgumentParser(
         prog="python -m experiments.reproduce", description=__doc__.split("\n")[0]
@@ -186,8 +189,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3)")
     parser.add_argument(
         "--table",
-        default=",".join(TABLE_SWEEPS),
-        help=f"comma-separated tables (default all: {','.join(TABLE_SWEEPS)})",
+        default=",".join(DEFAULT_TABLES),
+        help=f"comma-separated tables of {','.join(TABLE_SWEEPS)} (default "
+        f"{','.join(DEFAULT_TABLES)})",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the commands, run nothing, write nothing"
@@ -232,17 +236,17 @@ class SweepLog:
 
 
 def _run_sweeps(args: argparse.Namespace, planned: list[PlannedSweep]) -> SweepLog | None:
-    """The task's SFT model and pairs per model size, one process each (so the jobs only read
-    them), then every planned sweep. None when a task build failed (no sweep runs then)."""
-    from experiments.tables.plan import task_models
+    """The task's SFT model and pairs per model size (and each sweep's own data: the real
+    model's start and pairs), one process each with every core (so the jobs only read them), then
+    every planned sweep. None when a preparation failed (no sweep runs then)."""
+    from experiments.tables.plan import preparations
 
     ran = SweepLog()
-    for model in task_models(planned):
-        warm = [sys.executable, "-m", "experiments.prepare_task", f"model={model}"]
-        if ran.run(f"prepare_task {model}", warm + task_overrides(args.overrides), args.dry_run):
-            print(
-                f"error: building the task for model={model} failed; no sweep run", file=sys.stderr
-            )
+    for step in preparations(planned):
+        name = " ".join(step)
+        warm = [sys.executable, "-m", "experiments.prepare_task", *step]
+        if ran.run(f"prepare_task {name}", warm + task_overrides(args.overrides), args.dry_run):
+            print(f"error: preparing {name} failed; no sweep run", file=sys.stderr)
             return None
     for p in planned:
         cmd = sweep_command(

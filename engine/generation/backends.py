@@ -352,8 +352,10 @@ def load_backend(generation_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[Bac
     (options for ``vllm.LLM``). The hf model goes to this process's GPU (``LOCAL_RANK``) when
     there is one, else the CPU.
     """
+    from engine.model.conversion import resolve_model_config
     from engine.model.loading import load_model, load_tokenizer
 
+    model_cfg = resolve_model_config(model_cfg)  # a bundled GGUF model: its converted directory
     tokenizer = load_tokenizer(model_cfg)
     kind = str(generation_cfg.get("backend", "hf"))
     if kind == "vllm":

@@ -56,6 +56,7 @@ class Record:
     gold: str
     correct: bool
     timed_out: bool
+    score: float | None = None  # the verifier's graded score, when it has one (reasoning_gym)
 
 
 def generate_and_judge(
@@ -86,7 +87,15 @@ def generate_and_judge(
     for r, completion, (_, gold) in zip(rendered, completions, problems, strict=True):
         verdict = judge(completion, gold)
         records.append(
-            Record(r.text, completion, verdict.extracted, gold, verdict.correct, verdict.timed_out)
+            Record(
+                r.text,
+                completion,
+                verdict.extracted,
+                gold,
+                verdict.correct,
+                verdict.timed_out,
+                verdict.score,
+            )
         )
     return records
 
@@ -311,6 +320,27 @@ def benchmark_evaluators(
     return [
         BenchmarkEvaluator(cfg.benchmark, batch_size=batch_size, lockstep=lockstep, decoder=decoder)
     ]
+
+
+def merge_benchmark_evaluators(evaluators: Sequence[Any]) -> list[Any]:
+    """``evaluators`` with every :class:`BenchmarkEvaluator` merged into one (the first's settings),
+    so that a data source's benchmark (``data=reasoning_gym``'s test problems) and the ones a user
+    selects (``benchmark=[...]``) share one ``accuracy``, their average, as in ``engine.evaluate``.
+    A benchmark named twice is an error."""
+    benchmarks = [e for e in evaluators if isinstance(e, BenchmarkEvaluator)]
+    if len(benchmarks) < 2:
+        return list(evaluators)
+    merged = benchmarks[0]
+    for other in benchmarks[1:]:
+        for benchmark in other.benchmarks:
+            if benchmark.name in merged.problems:
+                raise ValueError(
+                    f"benchmark {benchmark.name} is evaluated twice (the data source evaluates "
+                    f"it already); drop it from benchmark=[...]"
+                )
+            merged.benchmarks.append(benchmark)
+            merged.problems[benchmark.name] = other.problems[benchmark.name]
+    return [e for e in evaluators if not isinstance(e, BenchmarkEvaluator)] + [merged]
 
 
 def average(summaries: dict[str, dict[str, float]]) -> float:

@@ -15,6 +15,8 @@ Registered verifiers:
   completion without ``####`` is wrong.
 - ``arithmetic``, registered by the embedded task (:mod:`engine.task.register`): exactly one
   ``####`` followed by a canonical integer equal to the gold.
+- ``reasoning_gym``, registered by the reasoning-gym plug-in (:mod:`engine.task.gym.register`):
+  the answer a completion states, scored by the dataset's own ``score_answer``.
 
 Every verifier also has ``judge(completion, gold) -> Verdict``, which adds the extracted answer
 and whether the time limit was hit (for per-problem records). Adding one: a function
@@ -44,12 +46,14 @@ _REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Verdict:
-    """One verification: is the completion right, what answer it states, and whether the check
-    ran out of time (then ``correct`` is False)."""
+    """One verification: is the completion right, what answer it states, whether the check
+    ran out of time (then ``correct`` is False), and the verifier's graded score when it has one
+    (reasoning-gym's ``score_answer`` in [0, 1]; ``correct`` is then ``score >= 1``)."""
 
     correct: bool
     extracted: str | None
     timed_out: bool = False
+    score: float | None = None
 
 
 class Verifier:

@@ -1,4 +1,5 @@
-"""Loading the policy: any Hugging Face causal LM by path or hub id, or a tiny Llama from code."""
+"""Loading the policy: any Hugging Face causal LM by path or hub id, a model bundled as a GGUF file
+in a package (converted once: :mod:`engine.model.conversion`), or a tiny Llama from code."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import (
 )
 
 from engine.model import adapters as adapter_lib
+from engine.model.conversion import resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,9 @@ def load_tokenizer(model_cfg: Any, key: str = "model") -> PreTrainedTokenizerBas
     The embedded math task does not come here for its fresh tiny model: it builds its own
     tokenizer (:mod:`engine.task.tokenizer`) and trains from its cached SFT model, whose
     directory holds that tokenizer. ``key`` names the config group in error messages
-    (``model``, ``reference``).
+    (``model``, ``reference``). A ``gguf`` model is converted first (on its first use).
     """
+    model_cfg = resolve_model_config(model_cfg, key)
     field = "tokenizer" if model_cfg.get("tokenizer") else "name_or_path"
     source = model_cfg.get(field)
     if source:
@@ -114,7 +117,9 @@ def load_model(
     returns the base wrapped in its LoRA adapters (``model.lora`` / ``model.adapter``, a peft
     ``PeftModel``: :mod:`engine.model.adapters`); without it the plain base is returned, whatever
     the adapter keys say (the SFT stage, a separate reference, the export's merge base).
+    A ``gguf`` model (``model=smollm2_135m``) loads from its converted directory.
     """
+    model_cfg = resolve_model_config(model_cfg, key)
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")))
     qconfig = None
     if adapters:

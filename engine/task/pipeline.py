@@ -17,15 +17,12 @@ killed half-way is never used: its leftover directory is deleted by the next bui
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.loading import write_jsonl
+from engine.runtime.cache import COMPLETE, default_cache_root, locked
 from engine.runtime.fileio import atomic_write_json
 from engine.runtime.machine import machine_info
 from engine.task.arithmetic import Problem, split_problems
@@ -46,13 +44,6 @@ log = logging.getLogger(__name__)
 #: so old caches are not reused. 2: the SFT checkpoint closest to the band's middle, bisected
 #: (engine/task/sft.py), instead of the first check inside the band
 CACHE_VERSION = 2
-COMPLETE = "COMPLETE"
-
-
-def default_cache_root() -> Path:
-    """``$XDG_CACHE_HOME/preference-loss-zoo`` (``~/.cache/preference-loss-zoo`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "preference-loss-zoo"
 
 
 @dataclass
@@ -132,30 +123,20 @@ def cache_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_math_task(cfg: DictConfig) -> MathTask:
     """The task's assets for ``cfg``: reused from the cache when complete, else built (once)."""
-    if cfg.model.get("name_or_path"):
+    if cfg.model.get("name_or_path") or cfg.model.get("gguf"):
         raise ValueError(
             "data=math builds its own SFT model from model=tiny; to train a model of your own "
-            "use data=files with your pairs (model.name_or_path was set)"
+            "use data=files with your pairs, or data=reasoning_gym (model.name_or_path or "
+            "model.gguf was set)"
         )
     root_dir = Path(cfg.data.get("cache_dir") or default_cache_root()).expanduser()
     key = cache_key(cfg)
     final = root_dir / f"math-{key}"
     sets = _problem_sets(cfg.data.problems)
     if not (final / COMPLETE).is_file():
-        with _locked(root_dir / f"math-{key}.lock"):
+        with locked(root_dir / f"math-{key}.lock"):
             if not (final / COMPLETE).is_file():  # another process may have built it meanwhile
                 _build(cfg, final, sets)
     summary = json.loads((final / "summary.json").read_text())

@@ -198,6 +198,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablation-runs", type=int, help="runs of each ablation (default 1)")
     parser.add_argument("--no-ablations", action="store_true", help="no speed-switch rows")
     parser.add_argument("--no-adapters", action="store_true", help="no LoRA / QLoRA rows")
+    parser.add_argument("--no-real", action="store_true", help="no SmolLM2-135M row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument(
         "--out",
@@ -247,6 +248,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.ablations = False
     if args.no_adapters:
         plan.adapters = False
+    if args.no_real:
+        plan.real = False
     if min(plan.micro_batch, plan.steps, plan.runs) < 1 or plan.warmup < 0:
         raise SystemExit("micro batch, steps and runs must be >= 1, warmup >= 0")
     return plan
@@ -342,6 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         peaks = [setup.matmul_peak_gflops()]
         measurements = measure(plan, inputs, size, workdir, args.timeout)
         peaks.append(setup.matmul_peak_gflops())  # again: a busy machine reads low
+        real_section = ""
+        if plan.real:  # SmolLM2-135M-Instruct, ours vs TRL with LoRA (its own section)
+            from experiments.bench import real_model
+
+            ours, trl = (next(v for v in ADAPTERS if v.name == n) for n in real_model.VARIANTS)
+            harness = real_model.Harness(
+                run_one, trainer_settings, ours.overrides, trl.trl, trl.peft
+            )
+            real_plan = real_model.RealPlan(runs=min(plan.runs, real_model.RealPlan.runs))
+            real_section = "\n" + real_model.section(real_plan, harness, workdir, args.timeout)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -363,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "trl_state": {m.variant: m.trl_state for m in measurements if m.trl_state},
     }
-    report = render_report(summarize(measurements, peak_gflops), context)
+    report = render_report(summarize(measurements, peak_gflops), context) + real_section
     out = args.out or default_out(plan, args.quick, args.workdir)
     atomic_write_text(out, report)
     if args.json:

@@ -153,6 +153,7 @@ class Plan:
     ablation_runs: int = 1
     ablations: bool = True
     adapters: bool = True  # the LoRA / QLoRA rows (ADAPTERS), runs times each
+    real: bool = True  # the real-model row (experiments.bench.real_model; the real extra)
     dtype: str = "float32"
     lr: float = 1e-5
     beta: float = 0.1
@@ -198,7 +199,7 @@ class Plan:
         return spec
 
 
-QUICK = {"micro_batch": 2, "warmup": 1, "steps": 2, "runs": 1, "ablations": False}
+QUICK = {"micro_batch": 2, "warmup": 1, "steps": 2, "runs": 1, "ablations": False, "real": False}
 
 
 def schedule(plan: Plan, variants: Sequence[Variant], ablations: Sequence[Variant]) -> list:

@@ -31,6 +31,7 @@ ABOUT = {
     "methods": "every named method against DPO, the paper's rows first",
     "scale": "DPO vs BPO at each model size",
     "hypothesis": "the balanced cells under AdamW and plain SGD, with gradient weights",
+    "real": "DPO, BPO and the chosen-NLL control with LoRA on SmolLM2-135M-Instruct",
 }
 
 

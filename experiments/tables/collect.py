@@ -45,6 +45,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "methods": ("ablation", "methods"),
     "scale": ("ablation", "methods", "scale"),
     "hypothesis": ("ablation", "hypothesis"),
+    "real": ("real",),
 }
 
 

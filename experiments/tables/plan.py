@@ -13,7 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SWEEPS", "TABLE_SWEEPS", "PlannedSweep", "Sweep", "grid", "plan", "task_models"]
+__all__ = [
+    "DEFAULT_TABLES",
+    "SWEEPS",
+    "TABLE_SWEEPS",
+    "PlannedSweep",
+    "Sweep",
+    "grid",
+    "plan",
+    "preparations",
+    "task_models",
+]
 
 EXPERIMENT_DIR = Path(__file__).resolve().parents[2] / "conf" / "experiment"
 
@@ -26,6 +36,9 @@ class Sweep:
     preset: str
     directory: str
     covered_by: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    #: overrides that prepare this sweep's data before it runs (``experiments.prepare_task``);
+    #: empty: the embedded task of each ``model=`` of its grid
+    prepare: tuple[str, ...] = ()
 
 
 SWEEPS: dict[str, Sweep] = {
@@ -46,6 +59,8 @@ SWEEPS: dict[str, Sweep] = {
         "scale", "scale", {"ablation": {"model": ("tiny",)}, "methods": {"model": ("tiny",)}}
     ),
     "hypothesis": Sweep("hypothesis", "hypothesis"),
+    # its own model and data (data=reasoning_gym): prepared with the preset, not with model=
+    "real": Sweep("real", "real", prepare=("+experiment=real",)),
 }
 
 #: table -> the sweeps it needs, in the order they run
@@ -54,7 +69,11 @@ TABLE_SWEEPS: dict[str, tuple[str, ...]] = {
     "methods": ("methods",),
     "scale": ("scale",),
     "hypothesis": ("ablation", "hypothesis"),
+    "real": ("real",),
 }
+#: the tables ``make reproduce`` runs when none is named (``real`` needs the real extra and its
+#: own 45 minutes: ``--table real``)
+DEFAULT_TABLES = ("ablation", "methods", "scale", "hypothesis")
 
 
 def grid(preset: str) -> dict[str, list[str]]:
@@ -120,7 +139,19 @@ def task_models(planned: Sequence[PlannedSweep]) -> list[str]:
     """The ``model=`` options whose task (SFT model and pairs) the planned sweeps train from."""
     models = []
     for p in planned:
+        if p.sweep.prepare:
+            continue
         for m in p.grid.get("model", ["tiny"]):
             if m not in models:
                 models.append(m)
     return models
+
+
+def preparations(planned: Sequence[PlannedSweep]) -> list[list[str]]:
+    """The ``experiments.prepare_task`` overrides to run before the sweeps, each once: one per
+    ``model=`` of the embedded task (:func:`task_models`), then each sweep's own ``prepare``."""
+    steps = [[f"model={m}"] for m in task_models(planned)]
+    for p in planned:
+        if p.sweep.prepare and list(p.sweep.prepare) not in steps:
+            steps.append(list(p.sweep.prepare))
+    return steps

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
-from experiments.tables import convergence, costs, hypothesis, methods, scale
+from experiments.tables import convergence, costs, hypothesis, methods, real, scale
 from experiments.tables.ablation import write_report
 from experiments.tables.collect import Run, Sweeps
 from experiments.tables.select import group, method_of, optimizer_of, sft_accuracy, size_of
@@ -169,11 +169,28 @@ def write_ablation(
     return _finish("ablation", out, text, None, cells, [], sft_accuracy(runs))
 
 
+def write_real(sweeps: Sweeps, out: Path) -> Path:
+    """real.md / .csv, accuracy and convergence plots, and the cost of each method's runs."""
+    runs = sweeps.runs("real")
+    table = real.build(runs)
+    cells = {str(k): v for k, v in group(runs, method_of).items()}
+    md = real.render_markdown(table) + "\n" + _demote(costs.render_markdown(cells, "real runs"))
+    plots = real.plot(table, cells, out)
+    if plots:
+        md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({p})" for p in plots) + "\n"
+    atomic_write_text(out / "real.csv", real.render_csv(table))
+    atomic_write_text(out / "costs.csv", costs.render_csv(cells))
+    path = out / "real.md"
+    atomic_write_text(path, md)
+    return path
+
+
 TABLES: dict[str, Callable[..., Path]] = {
     "ablation": write_ablation,
     "methods": write_methods,
     "scale": write_scale,
     "hypothesis": write_hypothesis,
+    "real": write_real,
 }
 
 

@@ -29,7 +29,8 @@ def test_every_cell_of_every_preset_composes(compose_config, preset, cell):
     build_objective(cfg)
     build_deepspeed_config(cfg, model_dtype=torch.float32, world_size=1)
     assert cfg.trainer.eval_every > 0  # every table's cells have convergence curves
-    assert cfg.trainer.max_steps is None and cfg.trainer.epochs == 1  # the recipe
+    if cfg.data.kind == "math":  # the tiny task's tables share the recipe (real has its own)
+        assert cfg.trainer.max_steps is None and cfg.trainer.epochs == 1
 
 
 @pytest.mark.parametrize("preset", sorted({s.preset for s in SWEEPS.values()}))

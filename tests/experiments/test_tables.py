@@ -280,6 +280,7 @@ def test_plan_runs_each_cell_once():
         "methods",
         "scale",
         "hypothesis",
+        "real",
     ]
     kept = by_name["methods"].grid["method"]
     assert not {"dpo", "slic", "bpo", "chosen_nll"} & set(kept) and "orpo" in kept
