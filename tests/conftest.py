@@ -30,21 +30,24 @@ def _isolated_rendezvous_env() -> Iterator[None]:
             os.environ[key] = value
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> Any:
-    """``conf/config.yaml`` composed with ``overrides`` (Hydra's compose API; ``hydra.*`` kept
-    when ``return_hydra_config``)."""
+def compose(
+    overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config"
+) -> Any:
+    """``conf/<config_name>.yaml`` (default: training's ``config``) composed with ``overrides``
+    (Hydra's compose API; ``hydra.*`` kept when ``return_hydra_config``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(
-            "config", overrides=list(overrides), return_hydra_config=return_hydra_config
+            config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
         )
 
 
 @pytest.fixture(scope="session")
 def compose_config() -> Callable[..., Any]:
-    """``compose_config(overrides=(), return_hydra_config=False)``: the composed config."""
+    """``compose_config(overrides=(), return_hydra_config=False, config_name="config")``: the
+    composed config."""
     return compose
 
 

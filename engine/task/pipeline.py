@@ -36,7 +36,13 @@ from engine.runtime.cache import COMPLETE, default_cache_root, locked
 from engine.runtime.fileio import atomic_write_json
 from engine.runtime.machine import machine_info
 from engine.task.arithmetic import Problem, split_problems
-from engine.task.sampling import MAX_NEW_TOKENS, greedy_accuracy, task_pairs
+from engine.task.sampling import (
+    MAX_NEW_TOKENS,
+    TASK_PROMPT,
+    VERIFIER,
+    greedy_accuracy,
+    task_pairs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,66 @@ def _problem_sets(problems_cfg: Any) -> dict[str, list[Problem]]:
         sets[name] = rest[start : start + sizes[name]]
         start += sizes[name]
     return sets
+
+
+def fresh_problems(problems_cfg: Any, count: int) -> list[Problem]:
+    """``count`` problems drawn from ``task_seed`` after every set of :func:`_problem_sets`, so
+    disjoint from all of them (the same held-out problems; the sets are prefixes of one draw)."""
+    held_out = int(problems_cfg.eval_problems)
+    used = sum(len(problems) for problems in _problem_sets(problems_cfg).values()) - held_out
+    digits = {
+        "min_digits": int(problems_cfg.min_digits),
+        "max_digits": int(problems_cfg.max_digits),
+    }
+    try:
+        rest, _ = split_problems(used + count, held_out, seed=int(problems_cfg.task_seed), **digits)
+    except ValueError as error:
+        raise ValueError(
+            f"{count} problems beyond the task's own sets: {error} "
+            "(data.problems.min_digits / max_digits)"
+        ) from None
+    return rest[used:]
+
+
+@dataclass(frozen=True)
+class IterationInputs:
+    """What iterative training (``engine.iterate``) takes from the task: its SFT model (the
+    initial policy), a pool of fresh prompts, the held-out problems, and how both are read
+    (a ``prompts`` / benchmark block without its ``path``: the task's own prompt format,
+    verifier and generation budget)."""
+
+    model_dir: Path
+    pool_rows: list[dict[str, Any]]
+    heldout_rows: list[dict[str, Any]]
+    prompts: dict[str, Any]
+    benchmark: dict[str, Any]
+
+
+def iteration_inputs(cfg: DictConfig, pool_size: int) -> IterationInputs:
+    """The task's :class:`IterationInputs` for ``cfg`` (the task built, or reused from the
+    cache), with ``pool_size`` fresh prompts."""
+    task = prepare_math_task(cfg)
+    reading = {
+        "split": "train",
+        "problem_field": "prompt",
+        "answer_field": "answer",
+        "verifier": VERIFIER,
+        "prompt": {
+            "system": TASK_PROMPT.system,
+            "user": TASK_PROMPT.user,
+            "chat_template": TASK_PROMPT.chat_template,
+        },
+    }
+    return IterationInputs(
+        model_dir=task.model_dir,
+        pool_rows=[
+            {"prompt": p.prompt, "answer": p.answer}
+            for p in fresh_problems(cfg.data.problems, pool_size)
+        ],
+        heldout_rows=[{"prompt": p.prompt, "answer": p.answer} for p in task.eval_problems],
+        prompts=reading,
+        benchmark={**reading, "max_new_tokens": MAX_NEW_TOKENS},
+    )
 
 
 def cache_key(cfg: DictConfig) -> str:
