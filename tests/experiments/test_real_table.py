@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from experiments.tables import plan, real
-from experiments.tables.report import write_table
 from experiments.tables.collect import collect
+from experiments.tables.report import write_table
 
 ACCURACY = {
     "dpo": (0.28, 0.30, 0.26),
