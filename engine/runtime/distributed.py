@@ -8,6 +8,7 @@ launcher they are already set and left alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from engine.runtime import extensions
+
+log = logging.getLogger(__name__)
 
 #: every variable a launcher (torchrun, the deepspeed launcher, SLURM's srun) or
 #: :func:`init_distributed` for a world of one sets to describe a process's place in its job. A
@@ -46,6 +49,10 @@ def without_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str
     """A copy of ``environ`` (default: this process's) without :data:`LAUNCHER_VARIABLES`."""
     environ = dict(os.environ if environ is None else environ)
     return {key: value for key, value in environ.items() if key not in LAUNCHER_VARIABLES}
+
+
+#: tries at a world of one's rendezvous, each on a newly chosen free port (see init_distributed)
+PORT_ATTEMPTS = 3
 
 
 def _free_port() -> int:
@@ -116,6 +123,7 @@ def init_distributed() -> None:
     loads it from the venv's prebuilt copy, a stale build lock cleared
     (:mod:`engine.runtime.extensions`).
     """
+    own_port = "WORLD_SIZE" not in os.environ and not os.environ.get("MASTER_PORT")
     os.environ.update(rendezvous_env(dict(os.environ)))
     if dist.is_available() and dist.is_initialized():
         return
@@ -124,8 +132,19 @@ def init_distributed() -> None:
 
     if int(os.environ["WORLD_SIZE"]) == 1:
         extensions.skip_shm_op()
-    with extensions.BuildLockWatch():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            with extensions.BuildLockWatch():
+                deepspeed.init_distributed(dist_init_required=True, verbose=False)
+            break
+        except dist.DistNetworkError as error:
+            # the free port chosen for a world of one was taken before the store bound it (any
+            # process's outgoing connection may take it): choose another. A launcher's or a
+            # user's port is theirs to fix.
+            if not own_port or "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS:
+                raise
+            taken, os.environ["MASTER_PORT"] = os.environ["MASTER_PORT"], str(_free_port())
+            log.warning("port %s was taken meanwhile; trying %s", taken, os.environ["MASTER_PORT"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -1,8 +1,12 @@
-"""The rendezvous variables the engine sets when no launcher did (pure: no process group)."""
+"""The rendezvous variables the engine sets when no launcher did (pure: no process group), and
+a world of one's rendezvous when its chosen port is taken (a subprocess)."""
 
 from __future__ import annotations
 
-from engine.runtime.distributed import rendezvous_env
+import subprocess
+import sys
+
+from engine.runtime.distributed import rendezvous_env, without_launcher_env
 
 
 def test_a_launcher_is_left_alone() -> None:
@@ -66,3 +70,37 @@ def test_compressed_node_list_without_scontrol_falls_back_to_the_launch_node(
         }
     )
     assert env["MASTER_ADDR"] == "10.0.0.7"
+
+
+_TAKEN_PORT_SCRIPT = """
+import socket, sys
+import torch.distributed as dist
+from engine.runtime import distributed
+
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+port = taken.getsockname()[1]
+ports = iter([port])
+free = distributed._free_port
+distributed._free_port = lambda: next(ports, None) or free()
+distributed.init_distributed()
+import os
+assert dist.is_initialized() and dist.get_world_size() == 1
+assert os.environ["MASTER_PORT"] != str(port), (os.environ["MASTER_PORT"], port)
+print("ok", port, os.environ["MASTER_PORT"])
+"""
+
+
+def test_a_world_of_one_whose_free_port_was_taken_tries_another() -> None:
+    """The port chosen for a world of one can be taken by any process before the store binds it
+    (seen in a parallel sweep: EADDRINUSE): the engine chooses another rather than failing."""
+    done = subprocess.run(
+        [sys.executable, "-c", _TAKEN_PORT_SCRIPT],
+        env=without_launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok" in done.stdout and "was taken meanwhile" in done.stderr
