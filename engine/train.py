@@ -69,7 +69,7 @@ from engine.runtime.preemption import (
 )
 from engine.runtime.timing import PhaseClock
 from engine.tracking import MetricsLogger
-from losses import PreferenceLoss
+from losses import PreferenceLoss, Requirements
 
 log = logging.getLogger("engine.train")
 
@@ -85,38 +85,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     clock = PhaseClock(started)  # results.json's timings: where the wall time went
-    # checks: the config, the objective and the batch for the launcher's world size (grad_accum
-    # from trainer.global_batch), before anything is built or started
+    # checks, benchmarks, data and the objective's inputs, before the process group and
+    # DeepSpeed start (a bad input is reported in seconds)
     world = dist_utils.launched_world_size()
-    cfg, objective = _check(cfg, world)
-    # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
-    # read now, so a bad one fails before the data source builds anything
-    benchmarks = benchmark_evaluators(cfg, world_size=world)
-    # data: the data source resolves to a model config, tokenizer, pairs and evaluators (its
-    # files' rows are checked before the tokenizer loads)
-    data = prepare_data(cfg, _load_tokenizer)
-    data.evaluators = merge_benchmark_evaluators([*data.evaluators, *benchmarks])  # one average
-    # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
-    # before the model loads
+    cfg, objective, data, extras = _read_inputs(cfg, world)
     needs = objective.requirements
-    extras = PairExtras.for_objective(
-        needs, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
-    )
     stop_point("during startup, after reading the data")
     # process group, run directory (its config.yaml), seed, device
     run_dir, device = _start(cfg, world)
     stop_point("during startup, after the process group started")
-    # model: the policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
-    # engine.model.adapters), as a module that scores the sequences of a pair batch
-    from engine.model.loading import load_model  # imported by _load_tokenizer already
-
-    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
-    policy = SequenceLogProbs.from_trainer(
-        adapters.unwrap(model),
-        cfg.trainer,
-        weighting=needs.needs_weighting_logps,  # WPO's per-response term, in the LM head
-        tails=needs.needs_tail_logps,  # LD-DPO's tails
-    )
+    # model: the policy, and the module that scores the sequences of a pair batch with it
+    model, policy = _load_policy(cfg, data, needs)
     # order: which pairs each rank sees at each step, and how many steps
     sampler = step_sampler(data.train_pairs, cfg.trainer, dist_utils.world_size(), int(cfg.seed))
     total_steps = _total_steps(cfg.trainer, sampler)
@@ -133,14 +112,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     stop_point("during startup, after the model loaded")
     # DeepSpeed: the ds_engine, its optimizer and the learning-rate schedule
     ds_engine, scheduler = _initialize_deepspeed(cfg, model, policy, total_steps)
-    # resume: the lookup of the checkpoint to resume from (None: a fresh start); see
-    # engine.run_state.find_resume_step
+    # resume: the checkpoint to resume from (None: a fresh start)
     checkpoint_dir = run_dir / "checkpoints"
-    resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
-    resuming = cfg.trainer.get("resume") == "auto"
-    if not resuming and dist_utils.is_main():
-        phases.clear(run_dir)  # a fresh run in a reused directory: nothing of the old one counts
-    discard_abandoned_evaluations(run_dir / "eval", resume_step)
+    resume_step, resuming = _resume_point(cfg, run_dir, checkpoint_dir)
     clock.lap("startup")
     stop_point("during startup, after DeepSpeed started")
     # reference scores, once before any update, kept shard by shard (read back from the run
@@ -184,22 +158,95 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         clock.move(state.eval_seconds, "train", "eval")
         clock.move(parts.diagnostics.seconds, "train", "diagnostics")  # of the logged steps
         stop_point("after the final evaluation")
-        # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge);
-        # one finished for this step earlier (a rerun after a stop) is not redone
-        if cfg.trainer.export and not _exported(run_dir, state.step):
-            _export(cfg, ds_engine, model, data, run_dir)
-            if dist_utils.is_main():
-                phases.mark_done(run_dir, "export", step=state.step)
-            stop_point("after the export")
+        # export: final_model/ in Hugging Face format (adapters: final_adapter/ and the merge)
+        _export_once(cfg, ds_engine, model, data, run_dir, state.step)
         clock.lap("export")
         # results: results.json (rank 0) and the closing console line
         results = _results(cfg, data, state, total_steps, started, clock.seconds())
         if logger is not None:
-            atomic_write_json(run_dir / "results.json", results)
-            phases.mark_done(run_dir, phases.COMPLETE, steps=state.step)
-            log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
+            _write_results(run_dir, results, state.step)
     dist_utils.barrier()
     return results
+
+
+def _read_inputs(
+    cfg: DictConfig, world: int
+) -> tuple[DictConfig, PreferenceLoss, PreparedData, PairExtras]:
+    """The run's inputs, each checked before the next is read: the config, objective and batch
+    (:func:`_check`), the benchmarks, the data, and the objective's inputs from the data. Returns
+    the resolved config, the objective, the data and the objective's extra inputs."""
+    # checks: the config, the objective and the batch for the launcher's world size (grad_accum
+    # from trainer.global_batch), before anything is built or started
+    cfg, objective = _check(cfg, world)
+    # benchmarks: accuracy by generation at every evaluation (engine.evaluate); their files are
+    # read now, so a bad one fails before the data source builds anything
+    benchmarks = benchmark_evaluators(cfg, world_size=world)
+    # data: the data source resolves to a model config, tokenizer, pairs and evaluators (its
+    # files' rows are checked before the tokenizer loads)
+    data = prepare_data(cfg, _load_tokenizer)
+    data.evaluators = merge_benchmark_evaluators([*data.evaluators, *benchmarks])  # one average
+    # objective inputs from the data (ODPO's score columns, KTO's mismatched pairs), checked
+    # before the model loads
+    extras = PairExtras.for_objective(
+        objective.requirements, data.train_pairs, data.eval_pairs, int(cfg.data.max_length)
+    )
+    return cfg, objective, data, extras
+
+
+def _load_policy(
+    cfg: DictConfig, data: PreparedData, needs: Requirements
+) -> tuple[torch.nn.Module, SequenceLogProbs]:
+    """The policy (with its LoRA / QLoRA adapters when model.lora / model.adapter are set:
+    :mod:`engine.model.adapters`) and the module that scores a pair batch's sequences with it
+    (with the per-response terms the objective ``needs``)."""
+    from engine.model.loading import load_model  # imported by _load_tokenizer already
+
+    model = load_model(data.model_cfg, data.tokenizer, seed=int(cfg.seed), adapters=True)
+    policy = SequenceLogProbs.from_trainer(
+        adapters.unwrap(model),
+        cfg.trainer,
+        weighting=needs.needs_weighting_logps,  # WPO's per-response term, in the LM head
+        tails=needs.needs_tail_logps,  # LD-DPO's tails
+    )
+    return model, policy
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path) -> tuple[int | None, bool]:
+    """The step of the checkpoint to resume from (None: a fresh start; see
+    :func:`engine.run_state.find_resume_step`) and whether ``trainer.resume=auto``. A fresh run
+    in a reused directory clears the old run's phase markers; evaluations abandoned after the
+    resume step are discarded."""
+    resume_step = find_resume_step(cfg.trainer, checkpoint_dir)
+    resuming = cfg.trainer.get("resume") == "auto"
+    if not resuming and dist_utils.is_main():
+        phases.clear(run_dir)  # a fresh run in a reused directory: nothing of the old one counts
+    discard_abandoned_evaluations(run_dir / "eval", resume_step)
+    return resume_step, resuming
+
+
+def _export_once(
+    cfg: DictConfig,
+    ds_engine: Any,
+    model: torch.nn.Module,
+    data: PreparedData,
+    run_dir: Path,
+    step: int,
+) -> None:
+    """The export phase (with ``trainer.export``): :func:`_export`, unless one finished for
+    ``step`` earlier (a rerun after a stop), then its marker and a stop point."""
+    if not cfg.trainer.export or _exported(run_dir, step):
+        return
+    _export(cfg, ds_engine, model, data, run_dir)
+    if dist_utils.is_main():
+        phases.mark_done(run_dir, "export", step=step)
+    stop_point("after the export")
+
+
+def _write_results(run_dir: Path, results: dict[str, Any], step: int) -> None:
+    """``results.json`` and the run's completion marker (rank 0), and the closing console line."""
+    atomic_write_json(run_dir / "results.json", results)
+    phases.mark_done(run_dir, phases.COMPLETE, steps=step)
+    log.info("%s; results: %s", _summary_line(results), run_dir / "results.json")
 
 
 def _load_tokenizer(model_cfg: Any) -> Any:

@@ -133,10 +133,64 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"per-side loss {options['loss']!r} takes no label_smoothing")
 
 
-def _needed(name: str, tensor: torch.Tensor | None, why: str, shape: torch.Size) -> torch.Tensor:
-    if tensor is None:
-        raise ValueError(f"{why} needs {name}")
-    return _check_tensor(name, tensor, shape)
+@dataclass(frozen=True)
+class _Batch:
+    """The (batch) shape every input tensor must have and the dtype the loss is computed in."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @classmethod
+    def of(
+        cls,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None,
+        ref_rejected_logps: torch.Tensor | None,
+        reference_free: bool,
+    ) -> _Batch:
+        """Check the four log-prob inputs (the reference's only when it is used)."""
+        shape = _check_tensor("policy_chosen_logps", policy_chosen_logps, None).shape
+        _check_tensor("policy_rejected_logps", policy_rejected_logps, shape)
+        if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+        if ref_chosen_logps is None and not reference_free:
+            raise ValueError(
+                "reference log-probs are missing: pass ref_chosen_logps and ref_rejected_logps, or "
+                "reference_free=True for a reference-free objective such as SimPO"
+            )
+        if not reference_free and ref_chosen_logps is not None and ref_rejected_logps is not None:
+            _check_tensor("ref_chosen_logps", ref_chosen_logps, shape)
+            _check_tensor("ref_rejected_logps", ref_rejected_logps, shape)
+        # float64 stays float64; everything narrower is computed in float32
+        return cls(shape, torch.promote_types(policy_chosen_logps.dtype, torch.float32))
+
+    def wide(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype)
+
+    def needed(self, name: str, tensor: torch.Tensor | None, why: str) -> torch.Tensor:
+        """An optional input that ``why`` needs, checked and widened."""
+        if tensor is None:
+            raise ValueError(f"{why} needs {name}")
+        return self.wide(_check_tensor(name, tensor, self.shape))
+
+    def log_probs(
+        self,
+        chosen_and_rejected: tuple[torch.Tensor, torch.Tensor],
+        tails: dict[str, torch.Tensor | None],
+        ld_alpha: float | None,
+    ) -> list[torch.Tensor]:
+        """One model's (chosen, rejected) log-probs, widened; with ``ld_alpha``, LD-DPO's: the
+        tokens past the pair's shorter response count ld_alpha (``tails``: their log-prob sums,
+        by argument name)."""
+        logps = [self.wide(x) for x in chosen_and_rejected]
+        if ld_alpha is None:
+            return logps
+        why = "ld_alpha (LD-DPO)"
+        return [
+            length_desensitized(x, self.needed(name, tail, why), ld_alpha)
+            for x, (name, tail) in zip(logps, tails.items(), strict=True)
+        ]
 
 
 def preference_loss(
@@ -240,49 +294,32 @@ def preference_loss(
         "preference_weight": preference_weight,
     }
     _check_options(options)
-    shape = _check_tensor("policy_chosen_logps", policy_chosen_logps, None).shape
-    _check_tensor("policy_rejected_logps", policy_rejected_logps, shape)
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
-    if ref_chosen_logps is None and not reference_free:
-        raise ValueError(
-            "reference log-probs are missing: pass ref_chosen_logps and ref_rejected_logps, or "
-            "reference_free=True for a reference-free objective such as SimPO"
-        )
-    # float64 stays float64; everything narrower is computed in float32
-    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
-
-    def wide(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype)
-
-    def needed(name: str, tensor: torch.Tensor | None, why: str) -> torch.Tensor:
-        return wide(_needed(name, tensor, why, shape))
-
-    logps = [wide(policy_chosen_logps), wide(policy_rejected_logps)]
+    batch = _Batch.of(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        reference_free,
+    )
+    # log-probs (LD-DPO's when ld_alpha is set); no refs: a reference-free objective
+    logps = batch.log_probs(
+        (policy_chosen_logps, policy_rejected_logps),
+        {
+            "policy_chosen_tail_logps": policy_chosen_tail_logps,
+            "policy_rejected_tail_logps": policy_rejected_tail_logps,
+        },
+        ld_alpha,
+    )
     refs = None
     if not reference_free and ref_chosen_logps is not None and ref_rejected_logps is not None:
-        _check_tensor("ref_chosen_logps", ref_chosen_logps, shape)
-        _check_tensor("ref_rejected_logps", ref_rejected_logps, shape)
-        refs = [wide(ref_chosen_logps), wide(ref_rejected_logps)]
-    if ld_alpha is not None:  # LD-DPO: the tokens past the pair's shorter response count ld_alpha
-        why = "ld_alpha (LD-DPO)"
-        policy_tails = [
-            ("policy_chosen_tail_logps", policy_chosen_tail_logps),
-            ("policy_rejected_tail_logps", policy_rejected_tail_logps),
-        ]
-        logps = [
-            length_desensitized(x, needed(name, tail, why), ld_alpha)
-            for x, (name, tail) in zip(logps, policy_tails, strict=True)
-        ]
-        if refs is not None:
-            ref_tails = [
-                ("ref_chosen_tail_logps", ref_chosen_tail_logps),
-                ("ref_rejected_tail_logps", ref_rejected_tail_logps),
-            ]
-            refs = [
-                length_desensitized(x, needed(name, tail, why), ld_alpha)
-                for x, (name, tail) in zip(refs, ref_tails, strict=True)
-            ]
+        refs = batch.log_probs(
+            (ref_chosen_logps, ref_rejected_logps),
+            {
+                "ref_chosen_tail_logps": ref_chosen_tail_logps,
+                "ref_rejected_tail_logps": ref_rejected_tail_logps,
+            },
+            ld_alpha,
+        )
     # r = log-ratios (the log-probs themselves for a reference-free objective), g = f-DPO's
     # transform of r
     ratios = logps if refs is None else [x - ref for x, ref in zip(logps, refs, strict=True)]
@@ -293,34 +330,25 @@ def preference_loss(
         *transformed,
         *logps,
         *(refs or (None, None)),
-        kl_logratios=None if kl_logratios is None else wide(kl_logratios),
+        kl_logratios=None if kl_logratios is None else batch.wide(kl_logratios),
     )
-    offsets = None
-    if odpo_alpha > 0:
-        why = "odpo_alpha (ODPO: data rows need score_chosen and score_rejected columns)"
-        offsets = odpo_offsets(
-            needed("score_chosen", score_chosen, why),
-            needed("score_rejected", score_rejected, why),
-            odpo_alpha,
-        )
-    z = _margin_z(transformed[0], transformed[1], options, offsets)
+    z = _margin_z(
+        transformed, options, _odpo_offsets(batch, odpo_alpha, score_chosen, score_rejected)
+    )
     # the objective, then the extra terms
     losses = torch.zeros_like(z)
     if preference_weight > 0:
         losses = losses + preference_weight * _objective(loss, z, terms, part_options)
-    if calibration_weight > 0:
-        # Cal-DPO (arXiv 2412.14516, Eq. 10): pull log-ratios towards +-1/(2 beta), SPPO's term
-        losses = losses + calibration_weight * sppo_hard(terms, beta)
-    if nll_weight > 0:
-        losses = losses + nll_weight * needed(
-            "policy_chosen_nll", policy_chosen_nll, "nll_weight > 0"
-        )
-    if use_weighting:
-        why = "use_weighting (WPO)"
-        losses = losses * wpo_weights(
-            needed("chosen_weighting_logps", chosen_weighting_logps, why),
-            needed("rejected_weighting_logps", rejected_weighting_logps, why),
-        )
+    losses = _with_extra_terms(
+        losses,
+        terms,
+        options,
+        batch,
+        use_weighting=use_weighting,
+        policy_chosen_nll=policy_chosen_nll,
+        chosen_weighting_logps=chosen_weighting_logps,
+        rejected_weighting_logps=rejected_weighting_logps,
+    )
     chosen_logratios, rejected_logratios = ratios
 
     return PreferenceLossOutput(
@@ -331,14 +359,31 @@ def preference_loss(
     )
 
 
+def _odpo_offsets(
+    batch: _Batch,
+    odpo_alpha: float,
+    score_chosen: torch.Tensor | None,
+    score_rejected: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """ODPO's offsets alpha log(s_w - s_l) of the responses' scores; None when odpo_alpha is 0."""
+    if odpo_alpha <= 0:
+        return None
+    why = "odpo_alpha (ODPO: data rows need score_chosen and score_rejected columns)"
+    return odpo_offsets(
+        batch.needed("score_chosen", score_chosen, why),
+        batch.needed("score_rejected", score_rejected, why),
+        odpo_alpha,
+    )
+
+
 def _margin_z(
-    chosen_transformed: torch.Tensor,
-    rejected_transformed: torch.Tensor,
+    transformed: list[torch.Tensor],
     options: dict[str, Any],
     offsets: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The margin z of the (transformed) log-ratios, with the options that act on it; for a
-    per-side objective, which has no margin, ``beta * (g_w - g_l)`` (what it reports)."""
+    """The margin z of the (transformed) log-ratios g_w, g_l, with the options that act on it;
+    for a per-side objective, which has no margin, ``beta * (g_w - g_l)`` (what it reports)."""
+    chosen_transformed, rejected_transformed = transformed
     beta = options["beta"]
     if not crosses_margin(options["loss"]):
         return beta * (chosen_transformed - rejected_transformed)
@@ -370,3 +415,32 @@ def _objective(
             loss, -z, **part_options
         )
     return apply_loss(loss, z, **part_options)
+
+
+def _with_extra_terms(
+    losses: torch.Tensor,
+    terms: PairTerms,
+    options: dict[str, Any],
+    batch: _Batch,
+    *,
+    use_weighting: bool,
+    policy_chosen_nll: torch.Tensor | None,
+    chosen_weighting_logps: torch.Tensor | None,
+    rejected_weighting_logps: torch.Tensor | None,
+) -> torch.Tensor:
+    """``losses`` (the weighted objective) plus Cal-DPO's calibration and the chosen NLL, times
+    WPO's weights, each when its option is on."""
+    if options["calibration_weight"] > 0:
+        # Cal-DPO (arXiv 2412.14516, Eq. 10): pull log-ratios towards +-1/(2 beta), SPPO's term
+        losses = losses + options["calibration_weight"] * sppo_hard(terms, options["beta"])
+    if options["nll_weight"] > 0:
+        losses = losses + options["nll_weight"] * batch.needed(
+            "policy_chosen_nll", policy_chosen_nll, "nll_weight > 0"
+        )
+    if use_weighting:
+        why = "use_weighting (WPO)"
+        losses = losses * wpo_weights(
+            batch.needed("chosen_weighting_logps", chosen_weighting_logps, why),
+            batch.needed("rejected_weighting_logps", rejected_weighting_logps, why),
+        )
+    return losses

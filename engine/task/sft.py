@@ -172,7 +172,6 @@ def train_sft(
     if eval_every < 1 or steps < 1:
         raise ValueError(f"data.sft: steps and eval_every must be >= 1, got {steps}, {eval_every}")
     low, high = band
-    target = (low + high) / 2
     examples = [encode_example(tokenizer, p) for p in train_problems]
     trainer = _Trainer(
         model,
@@ -184,53 +183,96 @@ def train_sft(
         seed=seed,
         device=device,
     )
-    history: list[dict[str, Any]] = []
-    best: tuple[tuple[float, int], int, dict[str, torch.Tensor]] | None = None
     # a line every ten seconds (steps, rate, ETA, loss, validation accuracy): terminal and log
     bar = Progress("[task] SFT", steps, "steps", logger=log) if progress else None
+    checks = _Checks(trainer, val_accuracy, target=(low + high) / 2, bar=bar)
+    # 1. checks every eval_every steps until one reaches the middle
+    below, reached = _check_until_middle(trainer, checks, steps, eval_every)
+    # 2. bisect the last interval: replay from the state below the middle to each probe
+    if reached:
+        _bisect(trainer, checks, below)
+    return _keep_best(checks, band, steps)
 
-    def check(search: bool) -> float:
-        nonlocal best
-        accuracy = val_accuracy(model)
+
+class _Checks:
+    """The validations of one search: each one's record (``history``, in the order they ran) and
+    the best checkpoint so far (by :func:`_preference`: step and weights)."""
+
+    def __init__(
+        self,
+        trainer: _Trainer,
+        val_accuracy: Callable[[PreTrainedModel], float],
+        *,
+        target: float,
+        bar: Progress | None,
+    ) -> None:
+        self.trainer, self.val_accuracy, self.target, self.bar = trainer, val_accuracy, target, bar
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[tuple[float, int], int, dict[str, torch.Tensor]] | None = None
+
+    def check(self, search: bool) -> float:
+        """The validation accuracy at the trainer's step, recorded (``search``: a bisection
+        probe); its weights are kept if it is the best so far."""
+        trainer = self.trainer
+        model = trainer.model
+        accuracy = self.val_accuracy(model)
         model.train()
         step = trainer.step
-        history.append(
+        self.history.append(
             {"step": step, "loss": trainer.loss, "val_accuracy": accuracy, "search": search}
         )
-        key = _preference(accuracy, target, step)
-        if best is None or key < best[0]:
-            best = (key, step, copy.deepcopy(model.state_dict()))
-        if bar is not None:
-            bar.set_postfix(loss=f"{trainer.loss:.3f}", val_acc=f"{accuracy:.2f}", step=step)
+        key = _preference(accuracy, self.target, step)
+        if self.best is None or key < self.best[0]:
+            self.best = (key, step, copy.deepcopy(model.state_dict()))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{trainer.loss:.3f}", val_acc=f"{accuracy:.2f}", step=step)
         return accuracy
 
-    # 1. checks every eval_every steps until one reaches the middle
+
+def _check_until_middle(
+    trainer: _Trainer, checks: _Checks, steps: int, eval_every: int
+) -> tuple[_TrainingState, bool]:
+    """Train, checking every ``eval_every`` steps, until a check reaches the band's middle or the
+    ``steps`` budget ends. Returns the state at the last check below the middle (step 0 if none)
+    and whether a check reached the middle (the trainer then stands at it)."""
     below = trainer.save()  # the state at the last check below the middle (step 0 at first)
     reached = False
     while trainer.step < steps and not reached:
         trainer.advance(min(trainer.step + eval_every, steps))
-        if bar is not None:
-            bar.update(trainer.step - bar.done)
-        reached = check(search=False) >= target
+        if checks.bar is not None:
+            checks.bar.update(trainer.step - checks.bar.done)
+        reached = checks.check(search=False) >= checks.target
         if not reached:
             below = trainer.save()
-    if bar is not None:
-        bar.close()
-    # 2. bisect (below.step, trainer.step): replay from the state below the middle to each probe
+    if checks.bar is not None:
+        checks.bar.close()
+    return below, reached
+
+
+def _bisect(trainer: _Trainer, checks: _Checks, below: _TrainingState) -> None:
+    """Bisect the steps between ``below`` (a check below the middle) and the trainer's step (one
+    at or above it): restore ``below``, replay to the probe halfway, check it, and halve the
+    interval until neighbouring steps bracket the middle."""
     low_step, high_step = below.step, trainer.step
-    while reached and high_step - low_step > 1:
+    while high_step - low_step > 1:
         probe = (low_step + high_step) // 2
         trainer.restore(below)
         trainer.advance(probe)
-        if check(search=True) < target:
+        if checks.check(search=True) < checks.target:
             low_step, below = probe, trainer.save()
         else:
             high_step = probe
 
-    assert best is not None  # at least one check ran
-    _, chosen_step, weights = best
-    model.load_state_dict(weights)
+
+def _keep_best(checks: _Checks, band: tuple[float, float], steps: int) -> dict[str, Any]:
+    """Load the best checkpoint's weights into the model (a warning if it lies outside ``band``)
+    and return the search's summary (:func:`train_sft`)."""
+    assert checks.best is not None  # at least one check ran
+    _, chosen_step, weights = checks.best
+    checks.trainer.model.load_state_dict(weights)
+    history = checks.history
     chosen = next(h for h in history if h["step"] == chosen_step)
+    low, high = band
     in_band = low <= chosen["val_accuracy"] <= high
     if not in_band:
         log.warning(
@@ -246,7 +288,7 @@ def train_sft(
         "val_accuracy": chosen["val_accuracy"],
         "in_band": in_band,
         "band": [low, high],
-        "target": target,
+        "target": checks.target,
         "evaluations": len(history),
         "history": sorted(history, key=lambda h: h["step"]),
     }
