@@ -20,9 +20,14 @@ Cases (each at the batch size the project uses it with):
   chat-templated questions x 8 samples at temperature 1 (``engine.sample_pairs``' defaults) in
   one batch of 64, 96 new tokens at most.
 
-Both decoders produce the same completions (same seed; checked, the run fails otherwise). The
-decoders alternate within each repeat; the report gives the median tokens/s of each, the speed-up,
-and the model FLOP utilisation: generated tokens/s x the model's FLOPs per generated token (2 x
+Both decoders produce the same completions (same seed; checked, the run fails otherwise).
+``--compile MODE`` adds a third decoder, ``compiled``: the loop with its per-token step (the
+decoder layers but their attention call, norm and head) under ``torch.compile(mode=MODE,
+dynamic=True)`` (:func:`compiled_step` says why the attention is left out); its first call
+(compilation included) is reported apart and whether its completions equal the loop's is recorded
+(inductor may reorder floating-point sums). DECISION_PLACEHOLDER (docs/generation.md). The decoders
+alternate within each repeat; the report gives the median tokens/s of each, the speed-up, and the
+model FLOP utilisation: generated tokens/s x the model's FLOPs per generated token (2 x
 its matmul parameters + 4 x layers x attention width x context) over the best of two float32
 matmul measurements (``experiments.bench.synthetic.matmul_peak_gflops``).
 """
@@ -30,6 +35,7 @@ matmul measurements (``experiments.bench.synthetic.matmul_peak_gflops``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -37,18 +43,20 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.generation import decoding
 from engine.generation.backends import HFBackend, PromptFormat, render_prompt
 from engine.runtime.fileio import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DECODERS = {"generate": "generate", "loop": "auto"}  # report name -> HFBackend(decoder=...)
+COMPILE: dict[str, Any] = {}  # --compile: {"mode": ..., "step": the compiled step}
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Case:
     add_special_tokens: bool = True
     note: str = ""
     rates: dict[str, list[float]] = field(default_factory=dict)
+    first: dict[str, float] = field(default_factory=dict)  # seconds of each decoder's first call
+    same: bool = True  # the compiled loop's completions equal the loop's in every repeat
     tokens: int = 0
     context: float = 0.0  # mean prompt + half the new tokens: the attention's average context
 
@@ -195,42 +205,83 @@ def _smollm2_case(quick: bool) -> list[Case]:
     ]
 
 
-def _run(case: Case, decoder: str) -> tuple[float, list[str], int]:
-    """One pass over the case's prompts: (generated tokens/s, completions, generated tokens)."""
-    backend = HFBackend(case.model, case.tokenizer, batch_size=case.rows, decoder=DECODERS[decoder])
+def compiled_step(mode: str) -> Callable[..., torch.Tensor]:
+    """``decoding._step`` under ``torch.compile(mode=mode, dynamic=True)``, the attention call
+    left to eager: compiled, CPU sdpa specializes the key length (the number of cache columns),
+    so the whole step recompiles every token (dynamo's recompile limit is hit after 8 tokens).
+    What compiles is the rest: embedding, norms, projections, rotary, cache writes, MLP, head
+    (one graph per layer between the attention calls, dynamic in the rows)."""
+    compiled = torch.compile(decoding._step, mode=mode, dynamic=True)
+    disabled: dict[Any, Any] = {}
+
+    def step(*args: Any) -> torch.Tensor:
+        *head, attention = args
+        if attention not in disabled:
+            disabled[attention] = torch.compiler.disable(attention)
+        return compiled(*head, disabled[attention])
+
+    return step
+
+
+@contextlib.contextmanager
+def _compiled_step() -> Iterator[None]:
+    """The decode loop's per-token step swapped for its ``torch.compile``d version meanwhile."""
+    original = decoding._step
+    decoding._step = COMPILE["step"]
+    try:
+        yield
+    finally:
+        decoding._step = original
+
+
+def _run(case: Case, decoder: str) -> tuple[float, list[str], int, float]:
+    """One pass over the case's prompts: (generated tokens/s, completions, generated tokens,
+    seconds)."""
+    backend = HFBackend(
+        case.model, case.tokenizer, batch_size=case.rows, decoder=DECODERS.get(decoder, "auto")
+    )
     if backend.decoder != ("generate" if decoder == "generate" else "loop"):
         raise RuntimeError(f"{case.name}: {decoder} unavailable ({backend.decoder_reason})")
+    swap = _compiled_step() if decoder == "compiled" else contextlib.nullcontext()
     started = time.perf_counter()
-    completions = backend.generate(
-        case.prompts,
-        max_new_tokens=case.max_new_tokens,
-        temperature=case.temperature,
-        seed=1,
-        add_special_tokens=case.add_special_tokens,
-    )
+    with swap:
+        completions = backend.generate(
+            case.prompts,
+            max_new_tokens=case.max_new_tokens,
+            temperature=case.temperature,
+            seed=1,
+            add_special_tokens=case.add_special_tokens,
+        )
     seconds = time.perf_counter() - started
     tokens = backend.generated_tokens
     prompt = case.tokenizer(case.prompts, add_special_tokens=case.add_special_tokens)["input_ids"]
     case.context = sum(map(len, prompt)) / case.rows + tokens / case.rows / 2
-    return tokens / seconds, completions, tokens
+    return tokens / seconds, completions, tokens, seconds
+
+
+def _decoders() -> list[str]:
+    return [*DECODERS, *(["compiled"] if COMPILE else [])]
 
 
 def measure(cases: list[Case], repeats: int) -> None:
     """Fill each case's ``rates`` (decoders alternating, generate first) and check that both
     decoders give the same completions."""
     for case in cases:
-        _run(case, "loop")  # warm-up: first-call allocations, kernel selection
-        _run(case, "generate")
+        for decoder in ("loop", "generate", *(["compiled"] if COMPILE else [])):
+            # warm-up: first-call allocations, kernel selection (and compilation)
+            case.first[decoder] = _run(case, decoder)[3]
         for repeat in range(repeats):
             outputs = {}
-            for decoder in DECODERS:
-                rate, outputs[decoder], case.tokens = _run(case, decoder)
+            for decoder in _decoders():
+                rate, outputs[decoder], case.tokens, _ = _run(case, decoder)
                 case.rates.setdefault(decoder, []).append(rate)
             if outputs["loop"] != outputs["generate"]:
                 raise RuntimeError(f"{case.name}: the loop's completions differ from generate's")
+            if COMPILE and outputs["compiled"] != outputs["loop"]:
+                case.same = False
             print(
                 f"{case.name}: repeat {repeat + 1}/{repeats}: "
-                + ", ".join(f"{d} {case.rates[d][-1]:,.0f} tokens/s" for d in DECODERS),
+                + ", ".join(f"{d} {case.rates[d][-1]:,.0f} tokens/s" for d in _decoders()),
                 flush=True,
             )
 
@@ -263,12 +314,31 @@ def report(cases: list[Case], peak: float, command: str, repeats: int) -> str:
             f"| {median['loop']:,.0f} | {median['loop'] / median['generate']:.1f}x "
             f"| {mfu['generate']:.1f}% | {mfu['loop']:.1f}% |"
         )
+    if COMPILE:
+        lines += [
+            "",
+            f"The loop with its per-token step under `torch.compile(mode={COMPILE['mode']!r}, "
+            "dynamic=True)` (`compiled`; the first call includes the compilation):",
+            "",
+            "| case | loop tokens/s | compiled tokens/s | compiled / loop | first call loop (s) "
+            "| first call compiled (s) | same completions as the loop |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for case in cases:
+            loop, compiled = (statistics.median(case.rates[d]) for d in ("loop", "compiled"))
+            lines.append(
+                f"| {case.name} | {loop:,.0f} | {compiled:,.0f} | {compiled / loop:.2f}x "
+                f"| {case.first['loop']:.1f} | {case.first['compiled']:.1f} "
+                f"| {'yes' if case.same else 'no'} |"
+            )
     lines += ["", "Models:", ""]
     for case in cases:
         flops = flops_per_token(case.model, case.context)
         lines.append(
             f"- {case.name}: {case.note}; {flops / 1e6:.1f} MFLOP per generated token; runs "
-            + "; ".join(f"{d} " + ", ".join(f"{v:,.0f}" for v in case.rates[d]) for d in DECODERS)
+            + "; ".join(
+                f"{d} " + ", ".join(f"{v:,.0f}" for v in case.rates[d]) for d in _decoders()
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -294,7 +364,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small batches, 1 repeat")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time the loop with its step under torch.compile(mode=MODE): default, "
+        "reduce-overhead, max-autotune-no-cudagraphs",
+    )
     args = parser.parse_args(argv)
+    if args.compile:
+        COMPILE.update(mode=args.compile, step=compiled_step(args.compile))
     if args.quick:
         args.repeats = 1
     if args.threads:
