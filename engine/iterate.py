@@ -431,6 +431,7 @@ def _container(node: Any) -> Any:
 
 def run(cfg: DictConfig) -> list[dict[str, Any]] | None:
     """:func:`iterate`, with a stop signal's exit (the requeue status) as engine.train has it."""
+    import engine.task  # noqa: F401  (the registrations, in a parallel sweep's worker too)
     from engine.runtime.preemption import Preempted, exit_preempted
 
     try:

@@ -426,6 +426,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     signal (:mod:`engine.runtime.preemption`) is no failure: once the work done is kept the
     process exits for a requeue (status 75, or submitit's own requeue under
     ``hydra/launcher=slurm``)."""
+    # the registrations (the embedded task's and reasoning-gym's data sources and verifiers) again
+    # here: a parallel sweep's worker gets this module, run as __main__, pickled by value, without
+    # its module-level imports
+    import engine.task  # noqa: F401
+
     with stop_signals_watched():
         try:
             return train(cfg)

@@ -198,12 +198,19 @@ def test_two_cell_sweep_in_parallel_with_joblib(
     metrics_rows, tmp_path: Path, arithmetic_pairs: Path
 ) -> None:
     sweep_dir = tmp_path / "sweep"
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(f'{{"prompt": "{a}+1=", "answer": {a + 1}}}\n' for a in range(4)))
     result = sweep(
         sweep_dir,
         arithmetic_pairs,
         "loss=hinge",
         "margin=difference,balanced",
         "hydra/launcher=local_parallel",
+        # a verifier the embedded task registers: a worker gets engine.train, run as __main__,
+        # pickled by value without its module-level imports, and must register it all the same
+        "benchmark=[arithmetic]",
+        f"benchmark.arithmetic.path={problems}",
+        "benchmark.arithmetic.max_new_tokens=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
