@@ -28,8 +28,9 @@ dynamic=True)`` (:func:`compiled_step` says why the attention is left out); its 
 (inductor may reorder floating-point sums). The loop does not compile: the figures did not pay
 for it (docs/generation.md). The decoders alternate within each repeat; the report gives the
 median tokens/s of each, the speed-up, and the model FLOP utilisation: generated tokens/s x the
-model's FLOPs per generated token (2 x its matmul parameters + 4 x layers x attention width x context) over the best of two float32
-matmul measurements (``experiments.bench.synthetic.matmul_peak_gflops``).
+model's FLOPs per generated token (2 x its matmul parameters + 4 x layers x attention width x
+context) over the best of two float32 matmul measurements
+(``experiments.bench.synthetic.matmul_peak_gflops``).
 """
 
 from __future__ import annotations
