@@ -25,11 +25,12 @@ Both decoders produce the same completions (same seed; checked, the run fails ot
 decoder layers but their attention call, norm and head) under ``torch.compile(mode=MODE,
 dynamic=True)`` (:func:`compiled_step` says why the attention is left out); its first call
 (compilation included) is reported apart and whether its completions equal the loop's is recorded
-(inductor may reorder floating-point sums). DECISION_PLACEHOLDER (docs/generation.md). The decoders
-alternate within each repeat; the report gives the median tokens/s of each, the speed-up, and the
-model FLOP utilisation: generated tokens/s x the model's FLOPs per generated token (2 x
-its matmul parameters + 4 x layers x attention width x context) over the best of two float32
-matmul measurements (``experiments.bench.synthetic.matmul_peak_gflops``).
+(inductor may reorder floating-point sums). The loop does not compile: the figures did not pay
+for it (docs/generation.md). The decoders alternate within each repeat; the report gives the
+median tokens/s of each, the speed-up, and the model FLOP utilisation: generated tokens/s x the
+model's FLOPs per generated token (2 x its matmul parameters + 4 x layers x attention width x
+context) over the best of two float32 matmul measurements
+(``experiments.bench.synthetic.matmul_peak_gflops``).
 """
 
 from __future__ import annotations
