@@ -35,10 +35,25 @@ Rerunning the same command continues where it stopped: finished rounds are skipp
 phase in flight resumes by itself (sampling by batch, training from its newest checkpoint with
 ``trainer.resume=auto``, evaluation as :mod:`engine.evaluate` resumes). ``-m`` sweeps run one
 pipeline per cell (give ``hydra.sweep.dir`` to rerun a sweep in place).
+
+Stop signals (SIGTERM, SIGUSR1, submitit's) are watched from the first line on: a stop in any
+phase of any round keeps the work done (the phase's own stop points: a sampled batch, an
+optimizer step, an evaluated batch) and ends the process with the requeue status
+(:mod:`engine.runtime.preemption`); rerunning the same command continues and gives the same
+result. A crash writes ``failed.json`` in ``output_dir``. The finished pipeline writes
+``results.json`` there (the cell: final and per-round accuracy, chosen reward, pairs, config),
+which the tables read (``experiments/tables/iterative.py``).
 """
+
+# ruff: noqa: E402
 
 from __future__ import annotations
 
+from engine.runtime.preemption import watch_from_start
+
+watch_from_start(__name__)  # python -m engine.iterate: stop signals are recorded from here on
+
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import hashlib
 import json
 import logging
@@ -54,7 +69,18 @@ from engine.data.loading import read_rows, write_jsonl
 from engine.runtime import distributed as dist_utils
 from engine.runtime.errors import ConfigError, require
 from engine.runtime.fileio import atomic_write_json, atomic_write_text
-from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
+from engine.runtime.launch import (
+    hydra_entry,
+    init_if_launched,
+    resolve_output_dir,
+    write_failed,
+)
+from engine.runtime.preemption import (
+    Preempted,
+    exit_preempted,
+    stop_point,
+    stop_signals_watched,
+)
 
 log = logging.getLogger("engine.iterate")
 
@@ -155,14 +181,28 @@ def make_plan(cfg: DictConfig, root: Path) -> Plan:
 
 
 def iterate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run (or continue) the rounds of ``cfg``; returns ``rounds.jsonl``'s rows (every rank)."""
+    """Run (or continue) the rounds of ``cfg``; returns ``rounds.jsonl``'s rows (every rank).
+    Stop signals are watched meanwhile: a stop raises :class:`Preempted` once the phase in hand
+    kept its work (``run`` turns it into the requeue exit)."""
+    with stop_signals_watched():
+        return _iterate(cfg)
+
+
+def _iterate(cfg: DictConfig) -> list[dict[str, Any]]:
+    started = time.time()
     check_config(cfg)
+    if cfg.trainer.get("threads"):  # sampling and evaluation too, not only training
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.threads))
     init_if_launched()
     root = resolve_output_dir(cfg, "outputs/iterate")
     if dist_utils.is_main():
         (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     plan = make_plan(cfg, root)
+    stop_point("during startup, after the plan")
     rows = [_round_zero(cfg, plan, root)]
+    stop_point("after round 0")
     policy = plan.initial_model
     for number in range(1, int(cfg.iterate.rounds) + 1):
         round_dir = root / f"round_{number}"
@@ -172,7 +212,67 @@ def iterate(cfg: DictConfig) -> list[dict[str, Any]]:
         rows.append(done)
         policy = _trained_policy(cfg, plan, round_dir / "train")
         _write_table(root, rows)
+        stop_point(f"after round {number}")
+    if dist_utils.is_main():
+        atomic_write_json(root / "results.json", cell_results(cfg, rows, time.time() - started))
+        (root / "failed.json").unlink(missing_ok=True)  # an earlier attempt's, now superseded
+    dist_utils.barrier()
     return rows
+
+
+def cell_results(
+    cfg: DictConfig, rows: list[dict[str, Any]], seconds: float | None = None
+) -> dict[str, Any]:
+    """The pipeline's ``results.json``, what a table reads of one cell: the objective's keys as
+    ``engine.train`` writes them (``loss``, ``margin``, ``method``, ``beta``, ``alpha``,
+    ``seed``), ``eval`` (the last round's accuracy, stderr, n), ``start`` (round 0's),
+    ``per_round`` (round, accuracy, stderr, the chosen and rejected reward and reward accuracy
+    at the end of its training, pairs made, all-correct / all-wrong prompts, sample accuracy,
+    seconds by phase), ``iterate`` (the pipeline's keys) and ``config`` (resolved).
+    ``wall_seconds``: this process's time (a rerun that continued counts only its own);
+    ``rounds_seconds``: every phase's seconds summed over the rounds, however many runs did them.
+    """
+
+    def summary(row: dict[str, Any]) -> dict[str, Any]:
+        ev = row["eval"]
+        return {"accuracy": ev["accuracy"], "stderr": ev.get("stderr"), "n": ev.get("n")}
+
+    per_round = []
+    for row in rows:
+        pairs, train = row.get("pairs") or {}, row.get("train") or {}
+        per_round.append(
+            {"round": row["round"]}
+            | summary(row)
+            | {
+                key: train.get(key)
+                for key in ("chosen_reward", "rejected_reward", "reward_accuracy")
+            }
+            | {
+                key: pairs.get(key)
+                for key in ("pairs", "all_correct_prompts", "all_wrong_prompts", "sample_accuracy")
+            }
+            | {"seconds": row.get("seconds", {})}
+        )
+    config = _container(cfg)
+    return {
+        "kind": "iterate",
+        "loss": cfg.loss.name,
+        "margin": cfg.margin.name,
+        "method": cfg.method.get("name"),
+        "beta": float(cfg.beta),
+        "alpha": float(cfg.margin.alpha),
+        "seed": int(cfg.seed),
+        "rounds": int(cfg.iterate.rounds),
+        "start": summary(rows[0]),
+        "eval": summary(rows[-1]),
+        "per_round": per_round,
+        "wall_seconds": None if seconds is None else round(seconds, 1),
+        "rounds_seconds": round(
+            sum(float(v) for row in rows for v in (row.get("seconds") or {}).values()), 1
+        ),
+        "iterate": config.get("iterate"),
+        "config": config,
+    }
 
 
 def _round_zero(cfg: DictConfig, plan: Plan, root: Path) -> dict[str, Any]:
@@ -430,13 +530,20 @@ def _container(node: Any) -> Any:
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]] | None:
-    """:func:`iterate`, with a stop signal's exit (the requeue status) as engine.train has it."""
-    from engine.runtime.preemption import Preempted, exit_preempted
-
-    try:
-        return iterate(cfg)
-    except Preempted as stop:  # a phase saved its progress: exit for a requeue
-        exit_preempted(stop, requeue=True)
+    """:func:`iterate` as a command: stop signals watched from its start; a stop in any phase
+    exits with the requeue status (a rerun of the same command continues; submitit's handler
+    requeues the cell under ``hydra/launcher=slurm``); a crash writes ``failed.json`` in the
+    pipeline's directory before re-raising, so a sweep's summary can list the cell."""
+    with stop_signals_watched():
+        try:
+            return iterate(cfg)
+        except Preempted as stop:  # the phase in hand kept its work: exit for a requeue, below
+            stopped = stop
+        except Exception as error:
+            if dist_utils.is_main():
+                write_failed(cfg, error, "outputs/iterate")
+            raise
+    exit_preempted(stopped, requeue=True)
 
 
 if __name__ == "__main__":
