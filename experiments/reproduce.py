@@ -115,13 +115,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def sweep_command(
-    name: str, sweep_dir: Path, jobs: int, threads: int, seeds: str, extra: list[str]
+    name: str,
+    sweep_dir: Path,
+    jobs: int,
+    threads: int,
+    seeds: str,
+    extra: list[str],
+    command: str = "engine.train",
 ) -> list[str]:
-    """The ``python -m engine.train -m`` command of one sweep."""
+    """The ``python -m <command> -m`` command of one sweep (``engine.train``, or
+    ``engine.iterate`` for pipelines of rounds)."""
     cmd = [
         sys.executable,
         "-m",
-        "engine.train",
+        command,
         "-m",
         f"+experiment={name}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -256,6 +263,7 @@ def _run_sweeps(args: argparse.Namespace, planned: list[PlannedSweep]) -> SweepL
             args.threads,
             args.seeds,
             [*p.overrides, *args.overrides],
+            p.sweep.command,
         )
         if status := ran.run(p.name, cmd, args.dry_run):
             print(f"warning: sweep {p.name} exited with {status}", file=sys.stderr)
