@@ -47,7 +47,7 @@ def test_a_stop_in_each_phase_is_resumed_to_the_same_pipeline(tmp_path, cli, tin
     log = "\n".join(said)
     assert failures == [], log + "\n" + "\n".join(failures)
     # each stop landed in its phase and each rerun took over what it kept
-    assert re.search(r"stop in sampling: exit 75, stopped in sampling after batch round 1", log)
+    assert re.search(r"stop in sampling: exit 75, stopped in sampling after batch round \d", log)
     assert re.search(r"stop in training: exit 75, stopped after step \d \(saved\)", log)
     assert re.search(r"stop in evaluation: exit 75, stopped in evaluation after arith", log)
     assert len(re.findall(r"rerun kept the \w+ phase's work: (?!NO)", log)) == 3, log
