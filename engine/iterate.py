@@ -42,7 +42,7 @@ optimizer step, an evaluated batch) and ends the process with the requeue status
 (:mod:`engine.runtime.preemption`); rerunning the same command continues and gives the same
 result. A crash writes ``failed.json`` in ``output_dir``. The finished pipeline writes
 ``results.json`` there (the cell: final and per-round accuracy, chosen reward, pairs, config),
-which the tables read (``experiments/tables/iterative.py``).
+which the tables read (:mod:`engine.rounds`; ``experiments/tables/iterative/``).
 """
 
 # ruff: noqa: E402
@@ -66,9 +66,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import engine.task  # noqa: F401  (registers the embedded task's data source and verifier)
 from engine.data.loading import read_rows, write_jsonl
+from engine.rounds import cell_results, eval_summary, read_round, write_round, write_table
 from engine.runtime import distributed as dist_utils
 from engine.runtime.errors import ConfigError, require
-from engine.runtime.fileio import atomic_write_json, atomic_write_text
+from engine.runtime.fileio import atomic_write_json
 from engine.runtime.launch import (
     hydra_entry,
     init_if_launched,
@@ -84,7 +85,6 @@ from engine.runtime.preemption import (
 
 log = logging.getLogger("engine.iterate")
 
-ROUND_FILE = "round.json"
 POOLS = ("fresh", "same")
 REFERENCES = ("initial", "round_start")
 ADAPTER_MODES = ("merge", "continue")
@@ -206,12 +206,12 @@ def _iterate(cfg: DictConfig) -> list[dict[str, Any]]:
     policy = plan.initial_model
     for number in range(1, int(cfg.iterate.rounds) + 1):
         round_dir = root / f"round_{number}"
-        done = _read_round(round_dir)
+        done = read_round(round_dir)
         if done is None:
             done = _run_round(cfg, plan, number, policy, round_dir)
         rows.append(done)
         policy = _trained_policy(cfg, plan, round_dir / "train")
-        _write_table(root, rows)
+        write_table(root, rows)
         stop_point(f"after round {number}")
     if dist_utils.is_main():
         atomic_write_json(root / "results.json", cell_results(cfg, rows, time.time() - started))
@@ -220,74 +220,19 @@ def _iterate(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def cell_results(
-    cfg: DictConfig, rows: list[dict[str, Any]], seconds: float | None = None
-) -> dict[str, Any]:
-    """The pipeline's ``results.json``, what a table reads of one cell: the objective's keys as
-    ``engine.train`` writes them (``loss``, ``margin``, ``method``, ``beta``, ``alpha``,
-    ``seed``), ``eval`` (the last round's accuracy, stderr, n), ``start`` (round 0's),
-    ``per_round`` (round, accuracy, stderr, the chosen and rejected reward and reward accuracy
-    at the end of its training, pairs made, all-correct / all-wrong prompts, sample accuracy,
-    seconds by phase), ``iterate`` (the pipeline's keys) and ``config`` (resolved).
-    ``wall_seconds``: this process's time (a rerun that continued counts only its own);
-    ``rounds_seconds``: every phase's seconds summed over the rounds, however many runs did them.
-    """
-
-    def summary(row: dict[str, Any]) -> dict[str, Any]:
-        ev = row["eval"]
-        return {"accuracy": ev["accuracy"], "stderr": ev.get("stderr"), "n": ev.get("n")}
-
-    per_round = []
-    for row in rows:
-        pairs, train = row.get("pairs") or {}, row.get("train") or {}
-        per_round.append(
-            {"round": row["round"]}
-            | summary(row)
-            | {
-                key: train.get(key)
-                for key in ("chosen_reward", "rejected_reward", "reward_accuracy")
-            }
-            | {
-                key: pairs.get(key)
-                for key in ("pairs", "all_correct_prompts", "all_wrong_prompts", "sample_accuracy")
-            }
-            | {"seconds": row.get("seconds", {})}
-        )
-    config = _container(cfg)
-    return {
-        "kind": "iterate",
-        "loss": cfg.loss.name,
-        "margin": cfg.margin.name,
-        "method": cfg.method.get("name"),
-        "beta": float(cfg.beta),
-        "alpha": float(cfg.margin.alpha),
-        "seed": int(cfg.seed),
-        "rounds": int(cfg.iterate.rounds),
-        "start": summary(rows[0]),
-        "eval": summary(rows[-1]),
-        "per_round": per_round,
-        "wall_seconds": None if seconds is None else round(seconds, 1),
-        "rounds_seconds": round(
-            sum(float(v) for row in rows for v in (row.get("seconds") or {}).values()), 1
-        ),
-        "iterate": config.get("iterate"),
-        "config": config,
-    }
-
-
 def _round_zero(cfg: DictConfig, plan: Plan, root: Path) -> dict[str, Any]:
     """Round 0: the initial policy's accuracy (evaluated once, then read back)."""
-    done = _read_round(root / "start")
+    done = read_round(root / "start")
     if done is None:
         started = time.time()
         results = _evaluate(cfg, plan, plan.initial_model, root / "start" / "eval")
         done = {
             "round": 0,
             "policy": plan.initial_model.get("name_or_path"),
-            "eval": _eval_summary(results),
+            "eval": eval_summary(results),
             "seconds": {"eval": round(time.time() - started, 1)},
         }
-        _write_round(root / "start", done)
+        write_round(root / "start", done)
     return done
 
 
@@ -327,13 +272,13 @@ def _run_round(
             )
         },
         "train": {key: results["train"].get(key) for key in _TRAIN_KEYS},
-        "eval": _eval_summary(evaluation),
+        "eval": eval_summary(evaluation),
         "seconds": {
             phase: round(clock[phase] - clock[previous], 1)
             for previous, phase in (("start", "sample"), ("sample", "train"), ("train", "eval"))
         },
     }
-    _write_round(round_dir, done)
+    write_round(round_dir, done)
     return done
 
 
@@ -468,61 +413,6 @@ def _evaluate(cfg: DictConfig, plan: Plan, model: dict[str, Any], out: Path) -> 
         }
     )
     return evaluate(eval_cfg)
-
-
-def _eval_summary(results: dict[str, Any]) -> dict[str, Any]:
-    benchmarks = results["benchmarks"]
-    n = sum(int(b["n"]) for b in benchmarks.values())
-    stderr = benchmarks[next(iter(benchmarks))]["stderr"] if len(benchmarks) == 1 else None
-    return {"accuracy": results["accuracy"], "stderr": stderr, "n": n, "benchmarks": benchmarks}
-
-
-def _read_round(round_dir: Path) -> dict[str, Any] | None:
-    """A finished round's summary (rank 0's view on every rank), or None."""
-    path = round_dir / ROUND_FILE
-    found = json.loads(path.read_text()) if dist_utils.is_main() and path.is_file() else None
-    return dist_utils.broadcast_object(found)
-
-
-def _write_round(round_dir: Path, done: dict[str, Any]) -> None:
-    if dist_utils.is_main():
-        atomic_write_json(round_dir / ROUND_FILE, done)
-    dist_utils.barrier()
-
-
-def _write_table(root: Path, rows: list[dict[str, Any]]) -> None:
-    """``rounds.jsonl`` and ``rounds.md`` from the finished rounds (rank 0)."""
-    if not dist_utils.is_main():
-        return
-    write_jsonl(root / "rounds.jsonl", rows)
-    atomic_write_text(root / "rounds.md", rounds_table(rows))
-    log.info("rounds so far:\n%s", rounds_table(rows))
-
-
-def rounds_table(rows: list[dict[str, Any]]) -> str:
-    """The per-round table: accuracy (percent, with its binomial standard error), the chosen
-    reward at the end of training, pairs made and the prompts that made none."""
-    lines = [
-        "| round | accuracy (%) | chosen reward | pairs | all correct | all wrong |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        ev = row["eval"]
-        accuracy = f"{100 * ev['accuracy']:.1f}"
-        if ev.get("stderr") is not None:
-            accuracy += f" +- {100 * ev['stderr']:.1f}"
-        pairs = row.get("pairs") or {}
-        chosen = (row.get("train") or {}).get("chosen_reward")
-        cells = [
-            str(row["round"]),
-            accuracy,
-            "-" if chosen is None else f"{chosen:+.3f}",
-            str(pairs.get("pairs", "-")),
-            str(pairs.get("all_correct_prompts", "-")),
-            str(pairs.get("all_wrong_prompts", "-")),
-        ]
-        lines.append(f"| {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
 
 
 def _container(node: Any) -> Any:

@@ -1,5 +1,5 @@
 """experiments.tables.iterative on a fake ``+experiment=iterative`` sweep (tmp_path) whose cells'
-``results.json`` are written by ``engine.iterate.cell_results`` itself (so the table reads what
+``results.json`` are written by ``engine.rounds.cell_results`` itself (so the table reads what
 the pipeline writes), and the table's place in the reproduce plan and the CLI.
 
 Hand-worked numbers (held-out accuracy %, seeds 0, 1, 2; round 0, the SFT model, is 40 %):
@@ -71,7 +71,7 @@ def round_rows(method: str, seed: int) -> list[dict]:
 def fake_pipeline(compose_config, d: Path, method: str, seed: int) -> None:
     from omegaconf import OmegaConf
 
-    from engine.iterate import cell_results
+    from engine.rounds import cell_results
 
     cfg = compose_config(
         ["+experiment=iterative", f"method={method}", f"seed={seed}", "iterate.rounds=2"],

@@ -4,7 +4,7 @@
 answers for fresh prompts from the current policy, verifies and pairs them, trains one epoch with
 the cell's method from that policy (the reference stays the SFT model) and evaluates greedy
 held-out accuracy. One pipeline per method x seed; each leaves a ``results.json`` with its
-``per_round`` rows (:func:`engine.iterate.cell_results`). :mod:`.table` groups them by method
+``per_round`` rows (:func:`engine.rounds.cell_results`). :mod:`.table` groups them by method
 and compares each round with DPO's; :mod:`.render` writes the report.
 """
 

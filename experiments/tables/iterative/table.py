@@ -4,7 +4,7 @@
 answers for fresh prompts from the current policy, verifies and pairs them, trains one epoch with
 the cell's method from that policy (the reference stays the SFT model) and evaluates greedy
 held-out accuracy. One pipeline per method x seed; each leaves a ``results.json`` with its
-``per_round`` rows (:func:`engine.iterate.cell_results`).
+``per_round`` rows (:func:`engine.rounds.cell_results`).
 
 Rows: methods (DPO first, the chosen-NLL control last). Per round: held-out accuracy, mean ± sample
 std over seeds; the paired difference against DPO in the same round (same seeds) with its 95% t
