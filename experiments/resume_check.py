@@ -44,13 +44,18 @@ TIMED = ("seconds", "wall_seconds", "rounds_seconds")
 @dataclass(frozen=True)
 class Phase:
     """Where to stop: the file (relative to the pipeline's directory) whose presence, holding
-    ``text``, shows the phase has begun; the stop message expected; what the rerun says it kept."""
+    ``text``, shows the phase has begun; the stop message expected; what the rerun says it kept.
+    ``redone``: what the rerun would say had it redone the phase from scratch, when a stop after
+    the phase's last unit leaves it nothing to say (sampling: no "batches to sample" line); it is
+    looked for in the rerun's lines of round ``round`` only."""
 
     name: str
     began: str
     text: str
     stopped: str
     kept: str
+    round: int = 1
+    redone: str | None = None
 
 
 def phases(rounds: int, eval_batches: int | None = None) -> list[Phase]:
@@ -64,6 +69,8 @@ def phases(rounds: int, eval_batches: int | None = None) -> list[Phase]:
             "",
             r"in sampling after batch round \d+ of \d+",
             r"\d+ batches to sample \([1-9]\d* found done\)",
+            1,
+            r"batches to sample \(0 found done\)",
         ),
         Phase(
             "training",
@@ -134,6 +141,21 @@ def stop_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float)
     proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
+
+
+def what_was_kept(phase: Phase, output: str) -> str | None:
+    """What the rerun's ``output`` says it kept of ``phase`` (None: it redid the phase)."""
+    found = re.search(phase.kept, output)
+    if found:
+        return found.group(0)
+    if phase.redone is None:
+        return None
+    start = output.find(f"round {phase.round}: sampling")  # engine.iterate's line per phase
+    end = output.find(f"round {phase.round}: training", max(start, 0))
+    lines = output[start:end] if start >= 0 else ""
+    if start >= 0 and not re.search(phase.redone, lines):
+        return "nothing left to redo (the stop came after its last unit)"
+    return None
 
 
 def _began(path: Path, text: str) -> Callable[[], bool]:
@@ -230,8 +252,8 @@ def check(
         found = re.findall(r"stopped (.+), on (SIG\w+)", output)
         where = found[-1][0] if found else "-"
         if last is not None:
-            kept = re.search(last.kept, output)
-            say(f"  rerun kept the {last.name} phase's work: {kept.group(0) if kept else 'NO'}")
+            kept = what_was_kept(last, output)
+            say(f"  rerun kept the {last.name} phase's work: {kept or 'NO'}")
             if kept is None:
                 failures.append(f"the rerun after the {last.name} stop kept nothing")
         if phase is None:

@@ -12,14 +12,14 @@ import re
 
 import pytest
 
-from experiments.resume_check import check, differences
+from experiments.resume_check import check, differences, phases, what_was_kept
 
-#: two rounds of 8 fresh prompts, sampled in two batches and evaluated in four (16 held out)
+#: two rounds of 8 fresh prompts, sampled in four batches and evaluated in four (16 held out)
 PIPELINE = (
     "iterate.rounds=2",
     "iterate.prompts_per_round=8",
     "iterate.samples_per_prompt=8",
-    "iterate.batch_prompts=4",
+    "iterate.batch_prompts=2",
     "generation.batch_size=4",
     "trainer.max_steps=3",
     "trainer.micro_batch_size=1",
@@ -70,6 +70,18 @@ def test_the_comparison_sees_a_difference() -> None:
     assert differences({"a": [1.001, 2]}, {"a": [1.0, 2]}) == [".a[0]: 1.001 != 1.0"]
     assert differences({"a": [1.0]}, {"a": [1.0, 2]}) == [".a: 1 items != 2"]
     assert differences({"b": 1}, {"a": 1}) == [": keys ['b'] != ['a']"]
+
+
+def test_the_check_tells_kept_work_from_redone_work() -> None:
+    sampling, training, _ = phases(rounds=2)
+    assert what_was_kept(training, "resuming from /x/round_2/train/checkpoints/step_2")
+    assert what_was_kept(training, "round 2: training on 6 pairs") is None
+    rerun = "round 1: sampling from sft\nrank 0: {} batches to sample ({} found done)\n"
+    assert what_was_kept(sampling, rerun.format(3, 1) + "round 1: training on 5 pairs")
+    assert what_was_kept(sampling, rerun.format(4, 0) + "round 1: training on 5 pairs") is None
+    # a stop after the last batch leaves nothing to sample: no line, and no batch sampled again
+    nothing = "round 1: sampling from sft\nround 1: training on 5 pairs\n" + rerun.format(4, 0)
+    assert what_was_kept(sampling, nothing).startswith("nothing left to redo")
 
 
 def test_a_crash_leaves_failed_json(compose_config, tmp_path) -> None:
