@@ -10,7 +10,7 @@ Hand-worked numbers (held-out accuracy %, seeds 0, 1, 2; round 0, the SFT model,
   interval 20 ± 4.97 -> [+15.0, +25.0]; chosen_nll 41 every seed in both rounds: +3.0 in
   round 1 (3, 1, 5), +11.0 in round 2 (11, 9, 13);
 - chosen reward: dpo -0.2 each round, bpo +0.1, chosen_nll +0.05; pairs: 300 - 10 x round for
-  every method, all correct 10 x round, all wrong 200.
+  every method, all correct 10 x round, all wrong 200; sample accuracy 20 + 5 x round %.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def round_rows(method: str, seed: int) -> list[dict]:
                 "pairs": {
                     "prompts": 512,
                     "pairs": 300 - 10 * number,
-                    "sample_accuracy": 0.3,
+                    "sample_accuracy": 0.2 + 0.05 * number,
                     "all_correct_prompts": 10 * number,
                     "all_wrong_prompts": 200,
                 },
@@ -120,6 +120,8 @@ def test_rounds_compare_each_method_with_dpo_by_seed(sweep: Path) -> None:
     assert bpo.rounds[1].accuracy.incomplete == 1  # the fourth seed, still running
     assert dpo.rounds[1].chosen_reward.mean == pytest.approx(-0.2)
     assert bpo.rounds[2].counts["pairs"].mean == pytest.approx(280.0)
+    assert bpo.rounds[2].sample_accuracy.mean == pytest.approx(30.0)
+    assert bpo.rounds[1].sample_accuracy.mean == pytest.approx(25.0)
     assert bpo.rounds[2].counts["all_correct_prompts"].mean == pytest.approx(20.0)
     assert bpo.rounds[1].seconds["sample"].mean == pytest.approx(30.0)
 
@@ -129,7 +131,7 @@ def test_rounds_compare_each_method_with_dpo_by_seed(sweep: Path) -> None:
     assert "| bpo | hinge x balanced | 40.0 | 44.0 ± 1.0 (n=3, 1 incomplete) |" in md
     assert "| bpo | +6.0 [-1.5, +13.5] (n=3) | +20.0 [+15.0, +25.0] (n=3) |" in md
     assert "| dpo | (baseline) | (baseline) |" in md
-    assert "| chosen_nll | 2 | 41.0 ± 0.0 (n=3) | +0.050 ± 0.000 | 280 | 20 | 200 |" in md
+    assert "| chosen_nll | 2 | 41.0 ± 0.0 (n=3) | +0.050 ± 0.000 | 30.0 | 280 | 20 | 200 |" in md
     assert "| bpo | 1 | 30 | 6 | 5 |" in md  # seconds per phase
 
 

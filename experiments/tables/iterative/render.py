@@ -69,8 +69,9 @@ def render_markdown(table: IterativeTable) -> str:
         "## Each round's pairs and training",
         "",
         "Chosen reward: the last logged training window's mean of beta log(pi/pi_ref) on the "
-        "chosen responses (below 0: DCR). Pairs made, all-correct and all-wrong prompts: the "
-        "round's sampling from the policy it started with, mean over seeds.",
+        "chosen responses (below 0: DCR). Sample accuracy, pairs made, all-correct and all-wrong "
+        "prompts: the round's sampling (k answers per prompt at its temperature) from the policy "
+        "it started with, mean over seeds.",
         "",
     ]
     body = []
@@ -87,6 +88,7 @@ def render_markdown(table: IterativeTable) -> str:
                     if not reward.n
                     else f"{reward.mean:+.3f}"
                     + ("" if math.isnan(reward.std) else f" ± {reward.std:.3f}"),
+                    _mean(c.sample_accuracy, 1),
                     *(_mean(c.counts[key]) for key in COUNTS),
                 ]
             )
@@ -96,6 +98,7 @@ def render_markdown(table: IterativeTable) -> str:
             "round",
             "accuracy",
             "chosen reward",
+            "sample accuracy (%)",
             "pairs made",
             "all correct",
             "all wrong",
@@ -127,6 +130,7 @@ CSV_COLUMNS = (
     "vs_dpo_n",
     "chosen_reward_mean",
     "chosen_reward_std",
+    "sample_accuracy_mean",
     "pairs_mean",
     "all_correct_mean",
     "all_wrong_mean",
@@ -157,6 +161,7 @@ def render_csv(table: IterativeTable) -> str:
                     g.n,
                     num(c.chosen_reward.mean),
                     num(c.chosen_reward.std),
+                    num(c.sample_accuracy.mean),
                     *(num(c.counts[key].mean) for key in COUNTS),
                     *(num(c.seconds[p].mean) for p in PHASES),
                 ]

@@ -71,6 +71,7 @@ class RoundCells:
     accuracy: Cell
     vs_dpo: PairedGain
     chosen_reward: Summary
+    sample_accuracy: Summary  # % of the round's samples that were correct: its starting policy
     counts: dict[str, Summary]  # pairs made, all-correct and all-wrong prompts
     seconds: dict[str, Summary]  # sample, train, eval
 
@@ -112,9 +113,10 @@ def _start(runs: Sequence[Run], notes: list[str]) -> Summary | None:
     return Summary(100.0 * min(values), 100.0 * (stderr or math.nan), int(n or 0))
 
 
-def _summary(runs: Sequence[Run], number_: int, key: str) -> Summary:
+def _summary(runs: Sequence[Run], number_: int, key: str, scale: float = 1.0) -> Summary:
     finished = [r for r in runs if r.status == "finished"]
-    return summarize([v for r in finished if (v := round_value(r, number_, key)) is not None])
+    values = [v for r in finished if (v := round_value(r, number_, key)) is not None]
+    return summarize([scale * v for v in values])
 
 
 def _seconds(runs: Sequence[Run], number_: int, phase: str) -> Summary:
@@ -154,6 +156,7 @@ def build(runs: Sequence[Run]) -> IterativeTable:
                 if name != BASELINE
                 else paired_gain({}, {}),
                 chosen_reward=_summary(method_runs, n, "chosen_reward"),
+                sample_accuracy=_summary(method_runs, n, "sample_accuracy", 100.0),
                 counts={key: _summary(method_runs, n, key) for key in COUNTS},
                 seconds={phase: _seconds(method_runs, n, phase) for phase in PHASES},
             )
