@@ -35,10 +35,25 @@ Rerunning the same command continues where it stopped: finished rounds are skipp
 phase in flight resumes by itself (sampling by batch, training from its newest checkpoint with
 ``trainer.resume=auto``, evaluation as :mod:`engine.evaluate` resumes). ``-m`` sweeps run one
 pipeline per cell (give ``hydra.sweep.dir`` to rerun a sweep in place).
+
+Stop signals (SIGTERM, SIGUSR1, submitit's) are watched from the first line on: a stop in any
+phase of any round keeps the work done (the phase's own stop points: a sampled batch, an
+optimizer step, an evaluated batch) and ends the process with the requeue status
+(:mod:`engine.runtime.preemption`); rerunning the same command continues and gives the same
+result. A crash writes ``failed.json`` in ``output_dir``. The finished pipeline writes
+``results.json`` there (the cell: final and per-round accuracy, chosen reward, pairs, config),
+which the tables read (:mod:`engine.rounds`; ``experiments/tables/iterative/``).
 """
+
+# ruff: noqa: E402
 
 from __future__ import annotations
 
+from engine.runtime.preemption import watch_from_start
+
+watch_from_start(__name__)  # python -m engine.iterate: stop signals are recorded from here on
+
+# the imports below take seconds: after the line above (hence the file's E402 exemption)
 import hashlib
 import json
 import logging
@@ -51,14 +66,25 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import engine.task  # noqa: F401  (registers the embedded task's data source and verifier)
 from engine.data.loading import read_rows, write_jsonl
+from engine.rounds import cell_results, eval_summary, read_round, write_round, write_table
 from engine.runtime import distributed as dist_utils
 from engine.runtime.errors import ConfigError, require
-from engine.runtime.fileio import atomic_write_json, atomic_write_text
-from engine.runtime.launch import hydra_entry, init_if_launched, resolve_output_dir
+from engine.runtime.fileio import atomic_write_json
+from engine.runtime.launch import (
+    hydra_entry,
+    init_if_launched,
+    resolve_output_dir,
+    write_failed,
+)
+from engine.runtime.preemption import (
+    Preempted,
+    exit_preempted,
+    stop_point,
+    stop_signals_watched,
+)
 
 log = logging.getLogger("engine.iterate")
 
-ROUND_FILE = "round.json"
 POOLS = ("fresh", "same")
 REFERENCES = ("initial", "round_start")
 ADAPTER_MODES = ("merge", "continue")
@@ -155,39 +181,58 @@ def make_plan(cfg: DictConfig, root: Path) -> Plan:
 
 
 def iterate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run (or continue) the rounds of ``cfg``; returns ``rounds.jsonl``'s rows (every rank)."""
+    """Run (or continue) the rounds of ``cfg``; returns ``rounds.jsonl``'s rows (every rank).
+    Stop signals are watched meanwhile: a stop raises :class:`Preempted` once the phase in hand
+    kept its work (``run`` turns it into the requeue exit)."""
+    with stop_signals_watched():
+        return _iterate(cfg)
+
+
+def _iterate(cfg: DictConfig) -> list[dict[str, Any]]:
+    started = time.time()
     check_config(cfg)
+    if cfg.trainer.get("threads"):  # sampling and evaluation too, not only training
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.threads))
     init_if_launched()
     root = resolve_output_dir(cfg, "outputs/iterate")
     if dist_utils.is_main():
         (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     plan = make_plan(cfg, root)
+    stop_point("during startup, after the plan")
     rows = [_round_zero(cfg, plan, root)]
+    stop_point("after round 0")
     policy = plan.initial_model
     for number in range(1, int(cfg.iterate.rounds) + 1):
         round_dir = root / f"round_{number}"
-        done = _read_round(round_dir)
+        done = read_round(round_dir)
         if done is None:
             done = _run_round(cfg, plan, number, policy, round_dir)
         rows.append(done)
         policy = _trained_policy(cfg, plan, round_dir / "train")
-        _write_table(root, rows)
+        write_table(root, rows)
+        stop_point(f"after round {number}")
+    if dist_utils.is_main():
+        atomic_write_json(root / "results.json", cell_results(cfg, rows, time.time() - started))
+        (root / "failed.json").unlink(missing_ok=True)  # an earlier attempt's, now superseded
+    dist_utils.barrier()
     return rows
 
 
 def _round_zero(cfg: DictConfig, plan: Plan, root: Path) -> dict[str, Any]:
     """Round 0: the initial policy's accuracy (evaluated once, then read back)."""
-    done = _read_round(root / "start")
+    done = read_round(root / "start")
     if done is None:
         started = time.time()
         results = _evaluate(cfg, plan, plan.initial_model, root / "start" / "eval")
         done = {
             "round": 0,
             "policy": plan.initial_model.get("name_or_path"),
-            "eval": _eval_summary(results),
+            "eval": eval_summary(results),
             "seconds": {"eval": round(time.time() - started, 1)},
         }
-        _write_round(root / "start", done)
+        write_round(root / "start", done)
     return done
 
 
@@ -227,13 +272,13 @@ def _run_round(
             )
         },
         "train": {key: results["train"].get(key) for key in _TRAIN_KEYS},
-        "eval": _eval_summary(evaluation),
+        "eval": eval_summary(evaluation),
         "seconds": {
             phase: round(clock[phase] - clock[previous], 1)
             for previous, phase in (("start", "sample"), ("sample", "train"), ("train", "eval"))
         },
     }
-    _write_round(round_dir, done)
+    write_round(round_dir, done)
     return done
 
 
@@ -370,74 +415,27 @@ def _evaluate(cfg: DictConfig, plan: Plan, model: dict[str, Any], out: Path) -> 
     return evaluate(eval_cfg)
 
 
-def _eval_summary(results: dict[str, Any]) -> dict[str, Any]:
-    benchmarks = results["benchmarks"]
-    n = sum(int(b["n"]) for b in benchmarks.values())
-    stderr = benchmarks[next(iter(benchmarks))]["stderr"] if len(benchmarks) == 1 else None
-    return {"accuracy": results["accuracy"], "stderr": stderr, "n": n, "benchmarks": benchmarks}
-
-
-def _read_round(round_dir: Path) -> dict[str, Any] | None:
-    """A finished round's summary (rank 0's view on every rank), or None."""
-    path = round_dir / ROUND_FILE
-    found = json.loads(path.read_text()) if dist_utils.is_main() and path.is_file() else None
-    return dist_utils.broadcast_object(found)
-
-
-def _write_round(round_dir: Path, done: dict[str, Any]) -> None:
-    if dist_utils.is_main():
-        atomic_write_json(round_dir / ROUND_FILE, done)
-    dist_utils.barrier()
-
-
-def _write_table(root: Path, rows: list[dict[str, Any]]) -> None:
-    """``rounds.jsonl`` and ``rounds.md`` from the finished rounds (rank 0)."""
-    if not dist_utils.is_main():
-        return
-    write_jsonl(root / "rounds.jsonl", rows)
-    atomic_write_text(root / "rounds.md", rounds_table(rows))
-    log.info("rounds so far:\n%s", rounds_table(rows))
-
-
-def rounds_table(rows: list[dict[str, Any]]) -> str:
-    """The per-round table: accuracy (percent, with its binomial standard error), the chosen
-    reward at the end of training, pairs made and the prompts that made none."""
-    lines = [
-        "| round | accuracy (%) | chosen reward | pairs | all correct | all wrong |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        ev = row["eval"]
-        accuracy = f"{100 * ev['accuracy']:.1f}"
-        if ev.get("stderr") is not None:
-            accuracy += f" +- {100 * ev['stderr']:.1f}"
-        pairs = row.get("pairs") or {}
-        chosen = (row.get("train") or {}).get("chosen_reward")
-        cells = [
-            str(row["round"]),
-            accuracy,
-            "-" if chosen is None else f"{chosen:+.3f}",
-            str(pairs.get("pairs", "-")),
-            str(pairs.get("all_correct_prompts", "-")),
-            str(pairs.get("all_wrong_prompts", "-")),
-        ]
-        lines.append(f"| {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
-
-
 def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]] | None:
-    """:func:`iterate`, with a stop signal's exit (the requeue status) as engine.train has it."""
-    import engine.task  # noqa: F401  (the registrations, in a parallel sweep's worker too)
-    from engine.runtime.preemption import Preempted, exit_preempted
+    """:func:`iterate` as a command: stop signals watched from its start; a stop in any phase
+    exits with the requeue status (a rerun of the same command continues; submitit's handler
+    requeues the cell under ``hydra/launcher=slurm``); a crash writes ``failed.json`` in the
+    pipeline's directory before re-raising, so a sweep's summary can list the cell."""
+    import engine.task  # noqa: F401, F811  (the registrations, in a parallel sweep's worker too)
 
-    try:
-        return iterate(cfg)
-    except Preempted as stop:  # a phase saved its progress: exit for a requeue
-        exit_preempted(stop, requeue=True)
+    with stop_signals_watched():
+        try:
+            return iterate(cfg)
+        except Preempted as stop:  # the phase in hand kept its work: exit for a requeue, below
+            stopped = stop
+        except Exception as error:
+            if dist_utils.is_main():
+                write_failed(cfg, error, "outputs/iterate")
+            raise
+    exit_preempted(stopped, requeue=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import contextlib
 import logging
 import math
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from engine.run_state import RunState, find_resume_step
 from engine.runtime import distributed as dist_utils
 from engine.runtime import extensions, phases
 from engine.runtime.fileio import atomic_write_json
-from engine.runtime.launch import chosen_output_dir, hydra_entry, resolve_output_dir
+from engine.runtime.launch import hydra_entry, resolve_output_dir, write_failed
 from engine.runtime.machine import machine_info
 from engine.runtime.preemption import (
     Preempted,
@@ -429,7 +428,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     # the registrations (the embedded task's and reasoning-gym's data sources and verifiers) again
     # here: a parallel sweep's worker gets this module, run as __main__, pickled by value, without
     # its module-level imports
-    import engine.task  # noqa: F401
+    import engine.task  # noqa: F401, F811
 
     with stop_signals_watched():
         try:
@@ -438,23 +437,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             stopped = stop
         except Exception as error:
             if dist_utils.is_main():
-                _write_failed(cfg, error)
+                write_failed(cfg, error, "outputs/run")
             raise
     exit_preempted(stopped, requeue=cfg.trainer.get("resume") == "auto")
-
-
-def _write_failed(cfg: DictConfig, error: Exception) -> None:
-    """``failed.json`` in rank 0's own choice of run directory (what resolve_output_dir
-    broadcasts), found without a collective: the other ranks may be dead or stuck."""
-    try:
-        path = chosen_output_dir(cfg, "outputs/run")
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            path / "failed.json",
-            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
-        )
-    except Exception:  # reporting must never mask the real error
-        pass
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Reproduce the BPO paper's tables in miniature: the sweeps, then the reports, one command.
 
-    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis,real] [--jobs N]
-        [--out experiments/results] [--sweep-root multirun/reproduce] [--seeds 0,1,2]
+    python -m experiments.reproduce [--table ablation,methods,scale,hypothesis,real,iterative]
+        [--jobs N] [--out experiments/results] [--sweep-root multirun/reproduce] [--seeds 0,1,2]
         [--dry-run] [extra hydra overrides for every job...]
 
 Tables (``--table``, default the first four), each written to ``<out>/<table>/``:
@@ -16,10 +16,15 @@ Tables (``--table``, default the first four), each written to ``<out>/<table>/``
   beside the same cells under AdamW, with the margin and gradient-weight diagnostics;
 - ``real`` (only when named: the ``real`` extra, about 45 minutes on 2 cores): the paper's
   pipeline on SmolLM2-135M-Instruct and reasoning-gym problems (``+experiment=real``): its start,
-  its pairs (made once, before the sweep), DPO / BPO / the chosen-NLL control with LoRA.
-Every table also reports its cells' convergence (accuracy against step from periodic evaluation,
-steps to SFT + 10 points) and each run's cost split (startup, reference pass, training,
-evaluation) from results.json's ``timings``.
+  its pairs (made once, before the sweep), DPO / BPO / the chosen-NLL control with LoRA;
+- ``iterative`` (only when named: about 25 minutes on 2 cores): three rounds of on-policy pairs
+  -> training -> evaluation from the task's SFT model with DPO, BPO and the chosen-NLL control,
+  one ``engine.iterate`` pipeline per cell (``+experiment=iterative``), per-round accuracy and
+  paired gains against DPO.
+Every engine.train table also reports its cells' convergence (accuracy against step from
+periodic evaluation, steps to SFT + 10 points) and each run's cost split (startup, reference
+pass, training, evaluation) from results.json's ``timings``; the iterative table its cost per
+round and phase.
 
 Runs are never repeated: a cell one sweep already runs (the methods table's dpo, slic and bpo are
 the ablation's logistic x difference, hinge x difference and hinge x balanced runs) is dropped from
@@ -115,13 +120,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def sweep_command(
-    name: str, sweep_dir: Path, jobs: int, threads: int, seeds: str, extra: list[str]
+    name: str,
+    sweep_dir: Path,
+    jobs: int,
+    threads: int,
+    seeds: str,
+    extra: list[str],
+    command: str = "engine.train",
 ) -> list[str]:
-    """The ``python -m engine.train -m`` command of one sweep."""
+    """The ``python -m <command> -m`` command of one sweep (``engine.train``, or
+    ``engine.iterate`` for pipelines of rounds)."""
     cmd = [
         sys.executable,
         "-m",
-        "engine.train",
+        command,
         "-m",
         f"+experiment={name}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -256,6 +268,7 @@ def _run_sweeps(args: argparse.Namespace, planned: list[PlannedSweep]) -> SweepL
             args.threads,
             args.seeds,
             [*p.overrides, *args.overrides],
+            p.sweep.command,
         )
         if status := ran.run(p.name, cmd, args.dry_run):
             print(f"warning: sweep {p.name} exited with {status}", file=sys.stderr)

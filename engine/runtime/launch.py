@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,20 @@ def resolve_output_dir(cfg: Any, fallback: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
     return path
+
+
+def write_failed(cfg: Any, error: BaseException, fallback: str) -> None:
+    """``failed.json`` (the error and its traceback) in this process's own choice of output
+    directory (:func:`chosen_output_dir`), found without a collective: the other ranks may be
+    dead or stuck. A sweep's summary lists the cell; reporting never masks the real error."""
+    from engine.runtime.fileio import atomic_write_json
+
+    try:
+        path = chosen_output_dir(cfg, fallback)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            path / "failed.json",
+            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+        )
+    except Exception:  # reporting must never mask the real error
+        pass

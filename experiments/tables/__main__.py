@@ -32,6 +32,7 @@ ABOUT = {
     "scale": "DPO vs BPO at each model size",
     "hypothesis": "the balanced cells under AdamW and plain SGD, with gradient weights",
     "real": "DPO, BPO and the chosen-NLL control with LoRA on SmolLM2-135M-Instruct",
+    "iterative": "DPO, BPO and the chosen-NLL control over rounds of on-policy pairs",
 }
 
 

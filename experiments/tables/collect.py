@@ -46,6 +46,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "scale": ("ablation", "methods", "scale"),
     "hypothesis": ("ablation", "hypothesis"),
     "real": ("real",),
+    "iterative": ("iterative",),
 }
 
 

@@ -39,6 +39,9 @@ class Sweep:
     #: overrides that prepare this sweep's data before it runs (``experiments.prepare_task``);
     #: empty: the embedded task of each ``model=`` of its grid
     prepare: tuple[str, ...] = ()
+    #: the command module whose ``-m`` runs the preset's cells (``engine.iterate``: one pipeline
+    #: of rounds per cell)
+    command: str = "engine.train"
 
 
 SWEEPS: dict[str, Sweep] = {
@@ -61,6 +64,8 @@ SWEEPS: dict[str, Sweep] = {
     "hypothesis": Sweep("hypothesis", "hypothesis"),
     # its own model and data (data=reasoning_gym): prepared with the preset, not with model=
     "real": Sweep("real", "real", prepare=("+experiment=real",)),
+    # one engine.iterate pipeline (sample -> train -> evaluate, three rounds) per cell
+    "iterative": Sweep("iterative", "iterative", command="engine.iterate"),
 }
 
 #: table -> the sweeps it needs, in the order they run
@@ -70,9 +75,10 @@ TABLE_SWEEPS: dict[str, tuple[str, ...]] = {
     "scale": ("scale",),
     "hypothesis": ("ablation", "hypothesis"),
     "real": ("real",),
+    "iterative": ("iterative",),
 }
 #: the tables ``make reproduce`` runs when none is named (``real`` needs the real extra and its
-#: own 45 minutes: ``--table real``)
+#: own 45 minutes: ``--table real``; ``iterative`` its own 25: ``--table iterative``)
 DEFAULT_TABLES = ("ablation", "methods", "scale", "hypothesis")
 
 

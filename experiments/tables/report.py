@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
-from experiments.tables import convergence, costs, hypothesis, methods, real, scale
+from experiments.tables import convergence, costs, hypothesis, iterative, methods, real, scale
 from experiments.tables.ablation import write_report
 from experiments.tables.collect import Run, Sweeps
 from experiments.tables.select import group, method_of, optimizer_of, sft_accuracy, size_of
@@ -185,12 +185,27 @@ def write_real(sweeps: Sweeps, out: Path) -> Path:
     return path
 
 
+def write_iterative(sweeps: Sweeps, out: Path) -> Path:
+    """iterative.md / .csv and rounds.png: accuracy, the paired gain against DPO, the chosen
+    reward, the pairs and the cost of each round, per method."""
+    table = iterative.build(sweeps.runs("iterative"))
+    md = iterative.render_markdown(table)
+    plots = iterative.plot(table, out)
+    if plots:
+        md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({p})" for p in plots) + "\n"
+    atomic_write_text(out / "iterative.csv", iterative.render_csv(table))
+    path = out / "iterative.md"
+    atomic_write_text(path, md)
+    return path
+
+
 TABLES: dict[str, Callable[..., Path]] = {
     "ablation": write_ablation,
     "methods": write_methods,
     "scale": write_scale,
     "hypothesis": write_hypothesis,
     "real": write_real,
+    "iterative": write_iterative,
 }
 
 

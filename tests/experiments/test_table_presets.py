@@ -24,11 +24,20 @@ CELLS = [
     ("preset", "cell"), CELLS, ids=[f"{p}:{','.join(c.values())}" for p, c in CELLS]
 )
 def test_every_cell_of_every_preset_composes(compose_config, preset, cell):
-    cfg = compose_config([f"+experiment={preset}", *(f"{k}={v}" for k, v in cell.items())])
+    pipeline = any(s.command == "engine.iterate" for s in SWEEPS.values() if s.preset == preset)
+    cfg = compose_config(
+        [f"+experiment={preset}", *(f"{k}={v}" for k, v in cell.items())],
+        config_name="iterate" if pipeline else "config",
+    )
     validate_config(cfg)
     build_objective(cfg)
     build_deepspeed_config(cfg, model_dtype=torch.float32, world_size=1)
-    assert cfg.trainer.eval_every > 0  # every table's cells have convergence curves
+    if pipeline:  # engine.iterate cells: evaluated once a round, by the pipeline
+        from engine.iterate import check_config
+
+        check_config(cfg)
+    else:
+        assert cfg.trainer.eval_every > 0  # every table's cells have convergence curves
     if cfg.data.kind == "math":  # the tiny task's tables share the recipe (real has its own)
         assert cfg.trainer.max_steps is None and cfg.trainer.epochs == 1
 

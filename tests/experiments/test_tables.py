@@ -281,6 +281,7 @@ def test_plan_runs_each_cell_once():
         "scale",
         "hypothesis",
         "real",
+        "iterative",
     ]
     kept = by_name["methods"].grid["method"]
     assert not {"dpo", "slic", "bpo", "chosen_nll"} & set(kept) and "orpo" in kept
