@@ -72,7 +72,7 @@ TABLE_SWEEPS: dict[str, tuple[str, ...]] = {
     "real": ("real",),
 }
 #: the tables ``make reproduce`` runs when none is named (``real`` needs the real extra and its
-#: own 45 minutes: ``--table real``)
+#: own 18 minutes on 2 cores, measured: ``--table real``)
 DEFAULT_TABLES = ("ablation", "methods", "scale", "hypothesis")
 
 
