@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct (``model=smollm2_135m``, the ``real`` extra), side by side
 
     make bench    # appends this section to experiments/results/bench.md (--no-real skips it)
     make bench ARGS="--no-ablations --no-adapters --runs 1"   # a shorter run with this row
-    python -m experiments.bench.real_model --out /tmp/real_bench.md [--runs 2]   # this row alone
+    python -m experiments.bench --only-real --out /tmp/real_bench.md [--runs 2]   # this row alone
 
 Both trainers get the converted model (one directory, loaded by both), the same LoRA config as
 the synthetic adapter rows (``experiments.bench.throughput.LORA``: r 16, alpha 16, the seven
@@ -25,13 +25,10 @@ Cost: about a minute per run on 2 CPU cores (model load, reference pass, 10 step
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import statistics
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,39 +282,3 @@ def section(plan: RealPlan, harness: Harness, workdir: Path, timeout: float = 90
     if reason is not None:
         return f"## A real model: {MODEL}\n\nSkipped: {reason}.\n"
     return render(measure(plan, harness, workdir, timeout), plan)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """This row alone, with the bench's harness: ``--out`` gets the section (Markdown)."""
-    from engine.runtime.fileio import atomic_write_text
-    from experiments.bench import throughput
-    from experiments.bench.variants import ADAPTERS
-
-    parser = argparse.ArgumentParser(description="the real-model row of make bench, alone")
-    parser.add_argument("--out", type=Path, required=True, help="the Markdown section")
-    parser.add_argument("--runs", type=int, default=RealPlan.runs, help="runs of each variant")
-    parser.add_argument("--workdir", type=Path, help="keep pairs, specs and logs here")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    args = parser.parse_args(argv)
-    if args.runs < 1:
-        raise SystemExit("--runs must be >= 1")
-    ours, trl = (next(v for v in ADAPTERS if v.name == n) for n in VARIANTS)
-    harness = Harness(
-        throughput.run_one, throughput.trainer_settings, ours.overrides, trl.trl, trl.peft
-    )
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-real-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    text = section(RealPlan(runs=args.runs), harness, workdir, args.timeout)
-    command = "python -m experiments.bench.real_model " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    machine = throughput.machine_info()
-    text += f"\nCommand: `{command}`; machine: {machine.get('cpu')}, {machine.get('cores')} "
-    text += "cores.\n"
-    atomic_write_text(args.out, text)
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
