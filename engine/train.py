@@ -425,9 +425,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     signal (:mod:`engine.runtime.preemption`) is no failure: once the work done is kept the
     process exits for a requeue (status 75, or submitit's own requeue under
     ``hydra/launcher=slurm``)."""
-    # the registrations (the embedded task's and reasoning-gym's data sources and verifiers) again
-    # here: a parallel sweep's worker gets this module, run as __main__, pickled by value, without
-    # its module-level imports
+    # a joblib sweep (hydra/launcher=local_parallel) pickles this function by value when it runs
+    # as ``python -m engine.train`` (__main__): its workers never run this module's imports, so
+    # the data sources and verifiers registered by importing engine.task are imported here
     import engine.task  # noqa: F401, F811
 
     with stop_signals_watched():

@@ -14,7 +14,7 @@ Tables (``--table``, default the first four), each written to ``<out>/<table>/``
   (``+experiment=scale``), paired gains;
 - ``hypothesis``: the ablation's balanced cells under plain SGD (``+experiment=hypothesis``)
   beside the same cells under AdamW, with the margin and gradient-weight diagnostics;
-- ``real`` (only when named: the ``real`` extra, about 45 minutes on 2 cores): the paper's
+- ``real`` (only when named: the ``real`` extra, about 18 minutes on 2 cores): the paper's
   pipeline on SmolLM2-135M-Instruct and reasoning-gym problems (``+experiment=real``): its start,
   its pairs (made once, before the sweep), DPO / BPO / the chosen-NLL control with LoRA;
 - ``iterative`` (only when named: about 25 minutes on 2 cores): three rounds of on-policy pairs

@@ -208,6 +208,26 @@ def check_cpu_quantized_shapes(model: nn.Module) -> None:
         )
 
 
+def keep_4bit_layers_differentiable(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights in a model that will be trained;
+    returns the number of 4-bit layers.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` repacks its weight into its CPU kernels' layout
+    at the first forward in eval mode without gradients (the reference pass, an evaluation), and
+    from then on every forward, training ones included, runs that kernel, which has no autograd:
+    the gradient through the frozen base weight to the layer's input is silently dropped (torch
+    only warns "an autograd kernel was not registered"), so every adapter below the last layer
+    trains on a wrong gradient, and saving repacks the weight back with requantized scales.
+    Without the repacking every forward dequantizes and multiplies, with autograd.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def _lora_config(model: nn.Module, lora: Any) -> Any:
     from peft import LoraConfig
 

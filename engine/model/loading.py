@@ -160,6 +160,8 @@ def load_model(
     model.config.use_cache = False
     if qconfig is not None and not torch.cuda.is_available():
         adapter_lib.check_cpu_quantized_shapes(model)
+    if qconfig is not None:  # a training load: every forward keeps its gradient
+        adapter_lib.keep_4bit_layers_differentiable(model)
     if adapters and adapter_lib.adapters_enabled(model_cfg):
         model = adapter_lib.attach_adapters(model, model_cfg)
     return model

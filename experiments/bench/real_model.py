@@ -3,6 +3,7 @@ SmolLM2-135M-Instruct (``model=smollm2_135m``, the ``real`` extra), side by side
 
     make bench    # appends this section to experiments/results/bench.md (--no-real skips it)
     make bench ARGS="--no-ablations --no-adapters --runs 1"   # a shorter run with this row
+    python -m experiments.bench --only-real --out /tmp/real_bench.md [--runs 2]   # this row alone
 
 Both trainers get the converted model (one directory, loaded by both), the same LoRA config as
 the synthetic adapter rows (``experiments.bench.throughput.LORA``: r 16, alpha 16, the seven

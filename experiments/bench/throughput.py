@@ -199,6 +199,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ablations", action="store_true", help="no speed-switch rows")
     parser.add_argument("--no-adapters", action="store_true", help="no LoRA / QLoRA rows")
     parser.add_argument("--no-real", action="store_true", help="no SmolLM2-135M row")
+    parser.add_argument(
+        "--only-real",
+        action="store_true",
+        help="only the SmolLM2-135M row (--runs of each variant, default 2), written to --out",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument(
         "--out",
@@ -330,10 +335,39 @@ def measure(
     return measurements
 
 
+def real_only(args: argparse.Namespace, command: str) -> int:
+    """``--only-real``: the real-model row alone (:mod:`experiments.bench.real_model`), with this
+    bench's worker launcher, trainer settings and adapter configs; the section goes to ``--out``."""
+    from experiments.bench import real_model
+
+    if args.out is None:
+        raise SystemExit("--only-real needs --out (the Markdown section)")
+    runs = real_model.RealPlan.runs if args.runs is None else args.runs
+    if runs < 1:
+        raise SystemExit("--runs must be >= 1")
+    ours, trl = (next(v for v in ADAPTERS if v.name == n) for n in real_model.VARIANTS)
+    harness = real_model.Harness(run_one, trainer_settings, ours.overrides, trl.trl, trl.peft)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-real-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    text = real_model.section(real_model.RealPlan(runs=runs), harness, workdir, args.timeout)
+    machine = machine_info()
+    text += (
+        f"\nCommand: `{command}`; {machine['cpu']}, {machine['cores']} cores; "
+        f"{(time.time() - started) / 60:.1f} min; "
+        f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.\n"
+    )
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = make_plan(args)
     command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.only_real:
+        return real_only(args, command)
+    plan = make_plan(args)
     size = setup.SIZES[plan.size]
     started = time.time()
     load_before = load_average()

@@ -78,7 +78,8 @@ TABLE_SWEEPS: dict[str, tuple[str, ...]] = {
     "iterative": ("iterative",),
 }
 #: the tables ``make reproduce`` runs when none is named (``real`` needs the real extra and its
-#: own 45 minutes: ``--table real``; ``iterative`` its own 25: ``--table iterative``)
+#: own 18 minutes on 2 cores, measured: ``--table real``; ``iterative`` its own 12: ``--table
+#: iterative``)
 DEFAULT_TABLES = ("ablation", "methods", "scale", "hypothesis")
 
 

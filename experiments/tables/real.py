@@ -25,7 +25,15 @@ from experiments.tables.formatting import csv_text, format_cell, format_gain, md
 from experiments.tables.select import cell, group, method_of
 from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
-__all__ = ["RealRow", "RealTable", "build", "plot", "render_csv", "render_markdown"]
+__all__ = [
+    "RealRow",
+    "RealTable",
+    "build",
+    "plot",
+    "reference_free",
+    "render_csv",
+    "render_markdown",
+]
 
 BASELINE, CONTROL = "dpo", "chosen_nll"
 ORDER = ("dpo", "slic", "bpo")  # the difference margin first, then the balanced one
@@ -81,6 +89,13 @@ def _by_step(runs: Sequence[Run]) -> dict[int, Summary]:
     return {step: summarize(v) for step, v in sorted(values.items())}
 
 
+def reference_free(run: Run) -> bool:
+    """Whether ``run``'s method scores without the reference (``method.reference_free``, e.g. the
+    chosen-NLL control): its logged "reward" is ``beta log pi``, no log-ratio against the start."""
+    method = run.config.get("method") or {}
+    return bool(method.get("reference_free")) if isinstance(method, dict) else False
+
+
 def build(runs: Sequence[Run]) -> RealTable:
     """Group the real sweep's runs by method and compare each with DPO, paired by seed."""
     notes = []
@@ -95,6 +110,12 @@ def build(runs: Sequence[Run]) -> RealTable:
         c = cell(method_runs, METRIC)
         first = method_runs[0]
         finished = [r for r in method_runs if r.status == "finished"]
+        if any(reference_free(r) for r in finished):  # its "reward" is beta log pi: no DCR
+            notes.append(
+                f"{name} is reference-free: its logged chosen reward is beta log pi, not a "
+                "log-ratio against the start, so its chosen-reward cells are left empty"
+            )
+            finished = [r for r in finished if not reference_free(r)]
         rows.append(
             RealRow(
                 method=name,
@@ -288,7 +309,7 @@ def plot(table: RealTable, cells: dict[str, list[Run]], out: Path) -> list[str]:
 
     def points(run: Run) -> list[dict]:
         accuracy = dict(curve(run))
-        chosen = dict(curve(run, "eval/chosen_reward"))
+        chosen = {} if reference_free(run) else dict(curve(run, "eval/chosen_reward"))
         return [
             {"step": s, "accuracy": 100.0 * accuracy[s] if s in accuracy else None}
             | {"chosen_reward": chosen.get(s)}

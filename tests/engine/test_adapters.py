@@ -278,6 +278,31 @@ def test_qlora_builds_a_4bit_base_with_float_adapters(lora_config):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
+def test_qlora_gradients_survive_an_inference_pass(lora_config, plain_inputs):
+    """An eval-mode pass without gradients (the reference pass, an evaluation) between two
+    training steps must not change the adapters' gradients: on an AVX512-BF16 CPU bitsandbytes
+    would repack the 4-bit weights into a kernel without autograd and drop the gradient through
+    them (found on SmolLM2's QLoRA run). On other CPUs this holds trivially."""
+    cfg = lora_config("model.quantization=4bit")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, adapters=True)
+    inputs = plain_inputs(tokenizer)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        SequenceLogProbs(adapters.unwrap(model), chunk_size=64)(**inputs)[0].sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    assert all(g.abs().sum() > 0 for n, g in before.items() if "lora_B" in n)
+    scored(model, inputs)  # the inference pass
+    after = gradients()
+    assert after.keys() == before.keys()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_the_base_comparison_sees_through_bitsandbytes_repacking(lora_config):
     """The CPU kernels' layout (forced here, as an inference pass on an AVX512-BF16 CPU does it)
     changes the stored tensor, not the base: :func:`assert_same_base` passes; a changed 4-bit code
@@ -360,7 +385,7 @@ def trained(request, tmp_path_factory, lora_config, plain_inputs):
     tokenizer = load_tokenizer(cfg.model)
     engine, model = deepspeed_policy(cfg, tokenizer)
     inputs = plain_inputs(tokenizer)
-    with torch.no_grad():  # the first forward packs 4-bit weights for the CPU kernels
+    with torch.no_grad():  # an inference pass first, as training does (the reference pass)
         engine(**inputs)
     frozen = base_weights(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -425,6 +450,7 @@ def test_final_adapter_is_peft_format_and_not_empty(trained):
     if cfg.model.quantization:
         qconfig = adapters.quantization_config(cfg.model, torch.float32)
         base = adapters.quantize_in_memory(base, qconfig)
+        adapters.keep_4bit_layers_differentiable(base)  # the trained policy's kernel, as it ran
     loaded = PeftModel.from_pretrained(base, str(adapter_dir))
     torch.testing.assert_close(scored(loaded, trained.inputs), trained.after, rtol=1e-6, atol=0)
 

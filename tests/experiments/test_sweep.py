@@ -220,3 +220,28 @@ def test_two_cell_sweep_in_parallel_with_joblib(
     assert_finished(metrics_rows, found["margin=balanced"], "balanced")
     launcher = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())["hydra"]["launcher"]
     assert launcher["_target_"].endswith("JoblibLauncher") and launcher["n_jobs"] == 2
+
+
+def test_a_parallel_sweeps_jobs_know_the_registered_data_sources(tmp_path: Path) -> None:
+    """local_parallel pickles engine.train's ``run`` by value (the command runs as __main__), so
+    its workers never run that module's imports: the data sources registered by importing
+    engine.task (``math``, ``reasoning_gym``) must still be known there. The job fails on purpose
+    inside the reasoning-gym source (a test split of 0 problems), before any model or data."""
+    sweep_dir = tmp_path / "sweep"
+    result = run(
+        "-m",
+        "engine.train",
+        "-m",
+        "hydra/launcher=local_parallel",
+        "hydra.launcher.n_jobs=2",  # 1 would run the job in this process (joblib)
+        "model=tiny",
+        "data=reasoning_gym",
+        "data.problems.sizes.test=0",
+        "seed=0",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode != 0
+    (failed,) = sweep_dir.glob("*/failed.json")
+    error = json.loads(failed.read_text())["error"]
+    assert "unknown data source" not in error
+    assert error.startswith("ConfigError") and "data.problems.sizes.test" in error, error
