@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.runtime.distributed import without_launcher_env
 from engine.runtime.preemption import PREEMPTED_EXIT_CODE
 
 RTOL = 1e-6
@@ -91,7 +92,7 @@ def phases(rounds: int, eval_batches: int | None = None) -> list[Phase]:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This environment with one thread per process and this checkout first on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = without_launcher_env()  # all of them: an in-process run's MASTER_PORT is still bound
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from engine.runtime.distributed import without_launcher_env
 
 GOOD_ROW = {"prompt": "1+1=", "chosen": " 2", "rejected": " 3"}
 
@@ -59,7 +60,7 @@ def run_case(repo: Path, workdir: Path, case: str) -> tuple[float, int, str]:
         f"output_dir={workdir / 'runs' / case}",
         *overrides,
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = without_launcher_env()
     env["PYTHONPATH"] = str(repo)
     env["TORCH_EXTENSIONS_DIR"] = str(workdir / "torch_extensions")
     env["HYDRA_FULL_ERROR"] = "0"

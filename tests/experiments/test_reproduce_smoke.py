@@ -6,13 +6,13 @@ evaluation, and the table's directory gets its report, CSVs, convergence, costs 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from engine.runtime.distributed import without_launcher_env
 from experiments.reproduce import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,8 +29,9 @@ def test_dry_run_prints_every_sweep_once(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_one_tiny_cell(tmp_path, tiny_task_overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    # every launcher variable off: a process group started in this pytest process (an earlier
+    # in-process test) leaves MASTER_PORT set to the port its store still listens on
+    env = without_launcher_env() | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = tmp_path / "results"
     cmd = [
         sys.executable,
