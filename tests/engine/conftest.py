@@ -396,3 +396,26 @@ def runs() -> SimpleNamespace:
         run_and_kill=run_and_kill,
         results=read_results,
     )
+
+
+#: engine.iterate shrunk to seconds: two rounds of 8 fresh prompts, two DPO steps each
+ITERATE_ROUNDS = (
+    "iterate.rounds=2",
+    "iterate.prompts_per_round=8",
+    "iterate.samples_per_prompt=8",
+    "iterate.batch_prompts=4",
+    "trainer.max_steps=2",
+    "trainer.micro_batch_size=1",
+    "trainer.log_every=1",
+    "trainer.progress_bar=false",
+    "trainer.tensorboard=false",
+    "trainer.threads=1",
+    "method=dpo",
+)
+
+
+@pytest.fixture(scope="session")
+def iterate_overrides() -> tuple[str, ...]:
+    """The overrides of a two-round ``engine.iterate`` on the shrunk task (:data:`ITERATE_ROUNDS`;
+    with ``tiny_task_overrides``)."""
+    return ITERATE_ROUNDS

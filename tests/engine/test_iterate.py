@@ -12,21 +12,6 @@ import pytest
 
 from engine.runtime.errors import ConfigError
 
-#: two rounds of 8 fresh prompts (the 1-digit task has 19 problems beyond its own sets)
-ITERATE = (
-    "iterate.rounds=2",
-    "iterate.prompts_per_round=8",
-    "iterate.samples_per_prompt=8",
-    "iterate.batch_prompts=4",
-    "trainer.max_steps=2",
-    "trainer.micro_batch_size=1",
-    "trainer.log_every=1",
-    "trainer.progress_bar=false",
-    "trainer.tensorboard=false",
-    "trainer.threads=1",
-    "method=dpo",
-)
-
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch) -> None:
@@ -34,10 +19,10 @@ def _private_cache(tmp_path_factory, monkeypatch) -> None:
 
 
 @pytest.fixture
-def iterate_config(compose_config, tiny_task_overrides):
+def iterate_config(compose_config, tiny_task_overrides, iterate_overrides):
     def make(out: Path, *overrides: str):
         return compose_config(
-            [*tiny_task_overrides, *ITERATE, f"output_dir={out}", *overrides],
+            [*tiny_task_overrides, *iterate_overrides, f"output_dir={out}", *overrides],
             config_name="iterate",
         )
 

@@ -14,21 +14,6 @@ import pytest
 
 from engine.runtime.distributed import without_launcher_env
 
-#: two rounds of 8 fresh prompts, two steps each (as tests/engine/test_iterate.py)
-ROUNDS = (
-    "iterate.rounds=2",
-    "iterate.prompts_per_round=8",
-    "iterate.samples_per_prompt=8",
-    "iterate.batch_prompts=4",
-    "trainer.max_steps=2",
-    "trainer.micro_batch_size=1",
-    "trainer.log_every=1",
-    "trainer.progress_bar=false",
-    "trainer.tensorboard=false",
-    "trainer.threads=1",
-    "method=dpo",
-)
-
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -69,9 +54,11 @@ def _train_model(out: Path, number: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["merge", "continue"])
-def test_adapters_merge_or_continue_round_after_round(tmp_path, tiny_task_overrides, mode):
+def test_adapters_merge_or_continue_round_after_round(
+    tmp_path, tiny_task_overrides, iterate_overrides, mode
+):
     out = _iterate(
-        [*tiny_task_overrides, *ROUNDS, "model.lora.r=4", f"iterate.adapters={mode}"],
+        [*tiny_task_overrides, *iterate_overrides, "model.lora.r=4", f"iterate.adapters={mode}"],
         tmp_path / "run",
         tmp_path / "cache",
     )
@@ -93,9 +80,11 @@ def test_adapters_merge_or_continue_round_after_round(tmp_path, tiny_task_overri
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_run_every_round_and_sample_as_one(tmp_path, tiny_task_overrides):
+def test_two_ranks_under_torchrun_run_every_round_and_sample_as_one(
+    tmp_path, tiny_task_overrides, iterate_overrides
+):
     cache = tmp_path / "cache"  # one task build, shared by both runs
-    overrides = [*tiny_task_overrides, *ROUNDS, "iterate.rounds=1"]
+    overrides = [*tiny_task_overrides, *iterate_overrides, "iterate.rounds=1"]
     one = _iterate(overrides, tmp_path / "one", cache)
     two = _iterate(overrides, tmp_path / "two", cache, nproc=2)
     rows = _read_jsonl(two / "rounds.jsonl")
