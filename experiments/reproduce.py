@@ -52,21 +52,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.runtime.fileio import atomic_write_json, atomic_write_text
+from engine.runtime.machine import cpu_name
 
 if TYPE_CHECKING:
     from experiments.tables.plan import PlannedSweep
 
 PACKAGES = ("torch", "deepspeed", "transformers", "hydra-core", "numpy", "matplotlib")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _memory_gib() -> float | None:
@@ -109,7 +100,7 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

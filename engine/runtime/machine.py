@@ -62,6 +62,11 @@ def _cpu_model(info: dict[str, str]) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_name() -> str:
+    """This machine's CPU model name (see :func:`machine_info`'s ``cpu``), for report headers."""
+    return _cpu_model(_cpuinfo())
+
+
 def _cpu_id(info: dict[str, str]) -> str | None:
     """Vendor, family, model and stepping (x86): a VM's model name can be as bare as "AMD EPYC",
     which does not tell one generation (and its instruction set) from another."""

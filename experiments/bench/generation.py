@@ -54,6 +54,7 @@ import torch
 from engine.generation import decoding
 from engine.generation.backends import HFBackend, PromptFormat, render_prompt
 from engine.runtime.fileio import atomic_write_text
+from engine.runtime.machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DECODERS = {"generate": "generate", "loop": "auto"}  # report name -> HFBackend(decoder=...)
@@ -294,7 +295,7 @@ def report(cases: list[Case], peak: float, command: str, repeats: int) -> str:
         "# Generation speed: transformers' generate vs the decode loop",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores, "
+        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, transformers "
         f"{importlib.metadata.version('transformers')}; device: CPU  ",
         f"Float32 matmul rate (best of two, 4096^3): {peak:,.0f} GFLOP/s. {repeats} repeats "
@@ -342,16 +343,6 @@ def report(cases: list[Case], peak: float, command: str, repeats: int) -> str:
             )
         )
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU unknown"
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_write_text
+from engine.runtime.machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 COMMAND = ["-m", "engine.train", "loss=hinge", "margin=balanced"]
@@ -103,7 +104,7 @@ def report(figures: dict[str, dict], op: dict[str, float], command: str) -> str:
         f"Measured: `{sys.executable.split('/')[-1]} -m engine.train loss=hinge margin=balanced` "
         "(`make train`), cold (empty `XDG_CACHE_HOME`) then warm, checkouts one after the other, "
         "each under `/usr/bin/time -v` (wall time; peak resident memory of the process tree).  ",
-        f"Machine: {platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores, Linux "
+        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, Linux "
         f"{platform.release()}; load average at the end (1, 5, 15 min): {load}.  ",
         f"DeepSpeed's CPU communication op, built once beforehand (not in the figures below): "
         f"{op['seconds']:.1f} s, {op['peak_mib']:.0f} MiB peak (the compiler).",
@@ -130,16 +131,6 @@ def report(figures: dict[str, dict], op: dict[str, float], command: str) -> str:
     lines += ["", "Revisions:", ""]
     lines += [f"- {label}: {f['revision']} ({f['checkout']})" for label, f in figures.items()]
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU unknown"
 
 
 def main(argv: list[str] | None = None) -> Path:
