@@ -149,6 +149,18 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown() -> None:
+    """Destroy the process group, if there is one, while the interpreter is fully alive.
+
+    Left to interpreter teardown, gloo's worker threads can still hold finished work whose tensors
+    reference Python objects; freeing them then aborts the process ("terminate called without an
+    active exception", SIGABRT), which a launcher reports as a failed rank after the work is done.
+    Local to this process (no collective): safe on an error path where other ranks are gone.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def zero_stage(ds_engine: Any) -> int:
     """The ZeRO stage of a DeepSpeed engine (0 for anything that is not one, e.g. a bare model)."""
     stage = getattr(ds_engine, "zero_optimization_stage", None)

@@ -31,7 +31,9 @@ def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
     The deepspeed launcher appends ``--local_rank=N``, which Hydra would reject: it is taken off
     the command line (``LOCAL_RANK`` says the same). Ranks other than 0 (under a launcher) make no
     run directory and no log files of their own: rank 0's output directory is broadcast
-    (:func:`resolve_output_dir`).
+    (:func:`resolve_output_dir`). The process group, if one was made, is destroyed before the
+    process leaves (:func:`engine.runtime.distributed.shutdown`), whether the command succeeded,
+    failed or stopped for a requeue.
     """
     import hydra
 
@@ -51,7 +53,10 @@ def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
     def main(cfg: Any) -> None:
         function(cfg)
 
-    main()
+    try:
+        main()
+    finally:  # once per process, after every job of a sequential multirun
+        dist_utils.shutdown()
 
 
 def chosen_output_dir(cfg: Any, fallback: str) -> Path:
