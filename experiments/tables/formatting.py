@@ -4,7 +4,9 @@
   ``missing``, ``failed (2)``, ``41.0 ± 0.3 (n=2, 1 failed)``; one decimal in percent, else four
   significant digits.
 - A paired gain: ``+3.5 [+1.2, +5.8] (n=3)`` (mean [95% CI]); ``-`` without paired seeds.
-- CSV: numbers rounded to 10 digits, an empty cell for an undefined one (None or nan), never 0.
+- CSV: numbers rounded to 10 digits, an empty cell for an undefined one (None or nan), never 0;
+  a cell as its :data:`CELL_FIELDS` (mean, std, n, failed), a gain as its :data:`GAIN_FIELDS`
+  (mean, ci_low, ci_high, n).
 """
 
 from __future__ import annotations
@@ -17,7 +19,24 @@ from collections.abc import Iterable, Sequence
 from experiments.tables.collect import Cell
 from experiments.tables.stats import PairedGain
 
-__all__ = ["csv_number", "csv_text", "format_cell", "format_gain", "format_number", "md_table"]
+__all__ = [
+    "CELL_FIELDS",
+    "GAIN_FIELDS",
+    "csv_cell",
+    "csv_gain",
+    "csv_number",
+    "csv_text",
+    "format_cell",
+    "format_gain",
+    "format_number",
+    "gain_columns",
+    "md_table",
+]
+
+#: a cell's CSV columns (:func:`csv_cell`); a table prefixes them when it has several cells a row
+CELL_FIELDS = ("mean", "std", "n", "failed")
+#: a paired gain's CSV columns (:func:`csv_gain`), named after the gain (:func:`gain_columns`)
+GAIN_FIELDS = ("mean", "ci_low", "ci_high", "n")
 
 
 def format_number(x: float, percent: bool, sign: bool = False) -> str:
@@ -70,6 +89,22 @@ def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
 def csv_number(x: float | None) -> str:
     """A CSV cell for a number: empty when undefined (None or nan), else rounded to 10 digits."""
     return "" if x is None or math.isnan(x) else repr(round(x, 10))
+
+
+def csv_cell(cell: Cell) -> list[object]:
+    """A cell's CSV values, in :data:`CELL_FIELDS` order: mean, std, n, failed."""
+    s = cell.summary
+    return [csv_number(s.mean), csv_number(s.std), s.n, cell.failed]
+
+
+def csv_gain(gain: PairedGain) -> list[object]:
+    """A paired gain's CSV values, in :data:`GAIN_FIELDS` order: mean, ci_low, ci_high, n."""
+    return [csv_number(gain.mean), csv_number(gain.ci_low), csv_number(gain.ci_high), gain.n]
+
+
+def gain_columns(prefix: str) -> tuple[str, ...]:
+    """Columns of the gain ``prefix``: ``vs_dpo`` -> ``vs_dpo_mean`` ... ``vs_dpo_n``."""
+    return tuple(f"{prefix}_{field}" for field in GAIN_FIELDS)
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    gain_columns,
+    md_table,
+)
 from experiments.tables.select import (
     METRIC,
     cell,
@@ -137,45 +146,21 @@ def render_markdown(table: MethodsTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "paper",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "incomplete",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
+    *("method", "objective", "paper", *CELL_FIELDS, "incomplete"),
+    *gain_columns("vs_dpo"),
     "chosen_reward_mean",
 )
 
 
 def render_csv(table: MethodsTable) -> str:
     """One row per method; accuracies in percent, empty = undefined."""
-
-    rows = []
-    for r in table.rows:
-        s, g = r.cell.summary, r.vs_dpo
-        rows.append(
-            [
-                r.method,
-                r.objective,
-                num(r.paper),
-                num(s.mean),
-                num(s.std),
-                s.n,
-                r.cell.failed,
-                r.cell.incomplete,
-                num(g.mean),
-                num(g.ci_low),
-                num(g.ci_high),
-                g.n,
-                num(r.chosen_reward.mean),
-            ]
-        )
+    rows = [
+        [
+            *(r.method, r.objective, csv_number(r.paper), *csv_cell(r.cell), r.cell.incomplete),
+            *(*csv_gain(r.vs_dpo), csv_number(r.chosen_reward.mean)),
+        ]
+        for r in table.rows
+    ]
     return csv_text(CSV_COLUMNS, rows)
 
 

@@ -20,8 +20,17 @@ from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
 from experiments.tables.convergence import curve
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    gain_columns,
+    md_table,
+)
 from experiments.tables.select import cell, group, method_of
 from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
@@ -245,46 +254,22 @@ def render_markdown(table: RealTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "start",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
-    "chosen_reward_mean",
-    "chosen_reward_std",
-    "chosen_below_zero_mean",
+    *("method", "objective", "start", *CELL_FIELDS, *gain_columns("vs_dpo")),
+    *("chosen_reward_mean", "chosen_reward_std", "chosen_below_zero_mean"),
 )
 
 
 def render_csv(table: RealTable) -> str:
     """One row per method; accuracies in percent, empty = undefined."""
-    rows = []
-    for r in table.rows:
-        s, g = r.cell.summary, r.vs_dpo
-        rows.append(
-            [
-                r.method,
-                r.objective,
-                num(table.start.mean if table.start else None),
-                num(s.mean),
-                num(s.std),
-                s.n,
-                r.cell.failed,
-                num(g.mean),
-                num(g.ci_low),
-                num(g.ci_high),
-                g.n,
-                num(r.chosen_reward.mean),
-                num(r.chosen_reward.std),
-                num(r.chosen_below_zero.mean),
-            ]
-        )
+    start = csv_number(table.start.mean if table.start else None)
+    rows = [
+        [
+            *(r.method, r.objective, start, *csv_cell(r.cell), *csv_gain(r.vs_dpo)),
+            *(csv_number(r.chosen_reward.mean), csv_number(r.chosen_reward.std)),
+            csv_number(r.chosen_below_zero.mean),
+        ]
+        for r in table.rows
+    ]
     return csv_text(CSV_COLUMNS, rows)
 
 

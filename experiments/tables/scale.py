@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    md_table,
+)
 from experiments.tables.select import (
     METRIC,
     Size,
@@ -143,7 +151,7 @@ CSV_COLUMNS = (
     "parameters",
     "sft",
     "sft_in_band",
-    *(f"{m}_{k}" for m in ("dpo", "bpo") for k in ("mean", "std", "n", "failed")),
+    *(f"{m}_{k}" for m in ("dpo", "bpo") for k in CELL_FIELDS),
     "gain_mean",
     "gain_ci_low",
     "gain_ci_high",
@@ -153,14 +161,11 @@ CSV_COLUMNS = (
 
 def render_csv(table: ScaleTable) -> str:
     """One row per size; accuracies in percent, empty = undefined."""
-
     rows = []
     for r in table.rows:
-        row = [r.size.hidden_size, r.size.num_layers, r.parameters or "", num(r.sft)]
+        row = [r.size.hidden_size, r.size.num_layers, r.parameters or "", csv_number(r.sft)]
         row.append("" if r.sft_in_band is None else str(r.sft_in_band).lower())
-        for c in (r.dpo, r.bpo):
-            row += [num(c.summary.mean), num(c.summary.std), c.summary.n, c.failed]
-        row += [num(r.gain.mean), num(r.gain.ci_low), num(r.gain.ci_high), r.gain.n]
+        row += [*csv_cell(r.dpo), *csv_cell(r.bpo), *csv_gain(r.gain)]
         rows.append(row)
     return csv_text(CSV_COLUMNS, rows)
 

@@ -9,8 +9,17 @@ import math
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_open
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    gain_columns,
+    md_table,
+)
 from experiments.tables.iterative.table import BASELINE, COUNTS, PHASES, IterativeTable
 from experiments.tables.stats import Summary
 
@@ -116,18 +125,7 @@ def render_markdown(table: IterativeTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "round",
-    "start",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
+    *("method", "objective", "round", "start", *CELL_FIELDS, *gain_columns("vs_dpo")),
     "chosen_reward_mean",
     "chosen_reward_std",
     "sample_accuracy_mean",
@@ -140,30 +138,18 @@ CSV_COLUMNS = (
 
 def render_csv(table: IterativeTable) -> str:
     """One row per method x round; accuracies in percent, empty = undefined."""
+    start = csv_number(table.start.mean if table.start else None)
     rows = []
     for r in table.rows:
         for n in table.rounds:
             c = r.rounds[n]
-            s, g = c.accuracy.summary, c.vs_dpo
             rows.append(
                 [
-                    r.method,
-                    r.objective,
-                    n,
-                    num(table.start.mean if table.start else None),
-                    num(s.mean),
-                    num(s.std),
-                    s.n,
-                    c.accuracy.failed,
-                    num(g.mean),
-                    num(g.ci_low),
-                    num(g.ci_high),
-                    g.n,
-                    num(c.chosen_reward.mean),
-                    num(c.chosen_reward.std),
-                    num(c.sample_accuracy.mean),
-                    *(num(c.counts[key].mean) for key in COUNTS),
-                    *(num(c.seconds[p].mean) for p in PHASES),
+                    *(r.method, r.objective, n, start, *csv_cell(c.accuracy), *csv_gain(c.vs_dpo)),
+                    *(csv_number(c.chosen_reward.mean), csv_number(c.chosen_reward.std)),
+                    csv_number(c.sample_accuracy.mean),
+                    *(csv_number(c.counts[key].mean) for key in COUNTS),
+                    *(csv_number(c.seconds[p].mean) for p in PHASES),
                 ]
             )
     return csv_text(CSV_COLUMNS, rows)
