@@ -38,6 +38,7 @@ from experiments.tables.formatting import (
     format_cell,
     format_gain,
     format_number,
+    md_notes,
     md_table,
 )
 from experiments.tables.stats import PairedGain, paired_gain
@@ -263,7 +264,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         f"{status['incomplete']} incomplete.",
         "",
     ]
-    out += [f"> Note: {n}" for n in tables.notes] + ([""] if tables.notes else [])
+    out += md_notes(tables.notes)
     if tables.sft is not None:
         out += [
             f"Starting point (SFT model) {tables.metric}: {format_number(tables.sft, pct)}.",

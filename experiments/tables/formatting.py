@@ -4,6 +4,8 @@
   ``missing``, ``failed (2)``, ``41.0 ± 0.3 (n=2, 1 failed)``; one decimal in percent, else four
   significant digits.
 - A paired gain: ``+3.5 [+1.2, +5.8] (n=3)`` (mean [95% CI]); ``-`` without paired seeds.
+- A summary at fixed decimals: ``0.42 ± 0.05``, ``-0.200`` (signed), ``-`` without values.
+- A Markdown table's notes (``> Note: ...``) and the table itself.
 - CSV: numbers rounded to 10 digits, an empty cell for an undefined one (None or nan), never 0;
   a cell as its :data:`CELL_FIELDS` (mean, std, n, failed), a gain as its :data:`GAIN_FIELDS`
   (mean, ci_low, ci_high, n).
@@ -17,7 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from experiments.tables.collect import Cell
-from experiments.tables.stats import PairedGain
+from experiments.tables.stats import PairedGain, Summary
 
 __all__ = [
     "CELL_FIELDS",
@@ -29,7 +31,10 @@ __all__ = [
     "format_cell",
     "format_gain",
     "format_number",
+    "format_signed",
+    "format_summary",
     "gain_columns",
+    "md_notes",
     "md_table",
 ]
 
@@ -78,6 +83,27 @@ def format_gain(gain: PairedGain, percent: bool) -> str:
     low = format_number(gain.ci_low, percent, sign=True)
     high = format_number(gain.ci_high, percent, sign=True)
     return f"{mean} [{low}, {high}] (n={gain.n})"
+
+
+def format_signed(x: float | None, digits: int) -> str:
+    """``x`` with its sign and ``digits`` decimals (``-0.200``); ``-`` when undefined (None or
+    nan)."""
+    return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def format_summary(s: Summary, digits: int, signed: bool = False, spread: bool = True) -> str:
+    """``mean ± std`` with ``digits`` decimals; ``-`` when ``s`` has no values. The std only with
+    ``spread`` and when defined (n > 1); ``signed``: the mean with its sign."""
+    if not s.n:
+        return "-"
+    mean = f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
+    return mean if not spread or math.isnan(s.std) else f"{mean} ± {s.std:.{digits}f}"
+
+
+def md_notes(notes: Sequence[str]) -> list[str]:
+    """A table's notes as Markdown lines (``> Note: ...``), a blank line after them; none without
+    notes."""
+    return [f"> Note: {n}" for n in notes] + ([""] if notes else [])
 
 
 def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:

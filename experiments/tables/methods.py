@@ -9,7 +9,6 @@ its 95% t interval; the final eval chosen reward (below 0: the chosen response l
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from experiments.tables.formatting import (
     csv_text,
     format_cell,
     format_gain,
+    format_signed,
     gain_columns,
+    md_notes,
     md_table,
 )
 from experiments.tables.select import (
@@ -112,14 +113,10 @@ def build(runs: Sequence[Run]) -> MethodsTable:
     return MethodsTable(rows=rows, sft=sft_accuracy(runs), notes=notes)
 
 
-def _num(x: float, digits: int = 2) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
-
-
 def render_markdown(table: MethodsTable) -> str:
     """The methods table as Markdown (header, notes, the table)."""
     out = ["# Methods: eval.accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     if table.sft is not None:
         out += [f"Starting point (SFT model) accuracy: {table.sft:.1f}.", ""]
     out += [
@@ -135,7 +132,7 @@ def render_markdown(table: MethodsTable) -> str:
             "-" if r.paper is None else f"{r.paper:.1f}",
             format_cell(r.cell, True),
             "(baseline)" if r.method == BASELINE else format_gain(r.vs_dpo, True),
-            "-" if r.chosen_reward.n == 0 else _num(r.chosen_reward.mean, 3),
+            format_signed(r.chosen_reward.mean, 3),  # nan (-) without values
         ]
         for r in table.rows
     ]

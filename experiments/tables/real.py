@@ -28,7 +28,10 @@ from experiments.tables.formatting import (
     csv_text,
     format_cell,
     format_gain,
+    format_signed,
+    format_summary,
     gain_columns,
+    md_notes,
     md_table,
 )
 from experiments.tables.select import cell, group, method_of
@@ -150,21 +153,10 @@ def build(runs: Sequence[Run]) -> RealTable:
     return RealTable(start=_start(runs), pairs=pairs, rows=rows, notes=notes)
 
 
-def _signed(x: float, digits: int = 3) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
-
-
-def _mean_std(s: Summary, digits: int = 1, signed: bool = False) -> str:
-    if not s.n:
-        return "-"
-    mean = f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
-    return mean + ("" if math.isnan(s.std) else f" ± {s.std:.{digits}f}")
-
-
 def render_markdown(table: RealTable) -> str:
     """The table, the accuracy by step and the pairs, as Markdown."""
     out = ["# A real model: SmolLM2-135M-Instruct on reasoning-gym, test accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     start = table.start
     if start is not None:
         out += [
@@ -188,10 +180,10 @@ def render_markdown(table: RealTable) -> str:
                 r.method,
                 r.objective,
                 format_cell(r.cell, True),
-                "-" if math.isnan(delta) else f"{delta:+.1f}",
+                format_signed(delta, 1),
                 "(baseline)" if r.method == BASELINE else format_gain(r.vs_dpo, True),
-                "-" if not r.chosen_reward.n else _signed(r.chosen_reward.mean),
-                _mean_std(r.chosen_below_zero, 0),
+                format_signed(r.chosen_reward.mean, 3),  # nan (-) without values
+                format_summary(r.chosen_below_zero, 0),
             ]
         )
     out += md_table(
@@ -217,7 +209,7 @@ def render_markdown(table: RealTable) -> str:
         ]
         rows = [
             [r.method, "-" if start is None else f"{start.mean:.1f}"]
-            + [_mean_std(r.by_step[s]) if s in r.by_step else "-" for s in steps]
+            + [format_summary(r.by_step[s], 1) if s in r.by_step else "-" for s in steps]
             for r in table.rows
         ]
         out += md_table(["method", "0", *map(str, steps)], rows)

@@ -21,6 +21,7 @@ from experiments.tables.formatting import (
     csv_text,
     format_cell,
     format_gain,
+    md_notes,
     md_table,
 )
 from experiments.tables.select import (
@@ -117,7 +118,7 @@ def build(runs: Sequence[Run]) -> ScaleTable:
 def render_markdown(table: ScaleTable) -> str:
     """The scale table and the paper's, as Markdown."""
     out = ["# Scale: DPO -> BPO by model size, eval.accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     out += [
         "Each size starts from its own SFT model. Cells: mean ± sample std over seeds (n). "
         "Gain: BPO - DPO paired by seed, mean [95% t interval].",

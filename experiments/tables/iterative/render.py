@@ -17,25 +17,20 @@ from experiments.tables.formatting import (
     csv_text,
     format_cell,
     format_gain,
+    format_summary,
     gain_columns,
+    md_notes,
     md_table,
 )
 from experiments.tables.iterative.table import BASELINE, COUNTS, PHASES, IterativeTable
-from experiments.tables.stats import Summary
 
 __all__ = ["plot", "render_csv", "render_markdown"]
-
-
-def _mean(s: Summary, digits: int = 0, signed: bool = False) -> str:
-    if not s.n:
-        return "-"
-    return f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
 
 
 def render_markdown(table: IterativeTable) -> str:
     """The per-round accuracy, the per-round detail and what each phase cost, as Markdown."""
     out = ["# Iterative on-policy training: held-out accuracy (%) per round", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     if table.start is not None:
         s = table.start
         out += [
@@ -87,18 +82,14 @@ def render_markdown(table: IterativeTable) -> str:
     for r in table.rows:
         for n in table.rounds:
             c = r.rounds[n]
-            reward = c.chosen_reward
             body.append(
                 [
                     r.method,
                     str(n),
                     format_cell(c.accuracy, True),
-                    "-"
-                    if not reward.n
-                    else f"{reward.mean:+.3f}"
-                    + ("" if math.isnan(reward.std) else f" ± {reward.std:.3f}"),
-                    _mean(c.sample_accuracy, 1),
-                    *(_mean(c.counts[key]) for key in COUNTS),
+                    format_summary(c.chosen_reward, 3, signed=True),
+                    format_summary(c.sample_accuracy, 1, spread=False),
+                    *(format_summary(c.counts[key], 0, spread=False) for key in COUNTS),
                 ]
             )
     out += md_table(
@@ -116,7 +107,11 @@ def render_markdown(table: IterativeTable) -> str:
     )
     out += ["", "## Cost: seconds per round (mean over seeds)", ""]
     body = [
-        [r.method, str(n), *(_mean(r.rounds[n].seconds[p]) for p in PHASES)]
+        [
+            r.method,
+            str(n),
+            *(format_summary(r.rounds[n].seconds[p], 0, spread=False) for p in PHASES),
+        ]
         for r in table.rows
         for n in table.rounds
     ]
