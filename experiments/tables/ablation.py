@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING
 from engine.runtime.fileio import atomic_write_text
 from experiments.tables.collect import Cell, Run, TableError, collect_runs, fill_cell, number
 from experiments.tables.formatting import (
-    csv_number,
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
     csv_text,
     format_cell,
     format_gain,
     format_number,
+    md_notes,
     md_table,
 )
 from experiments.tables.stats import PairedGain, paired_gain
@@ -261,7 +264,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
         f"{status['incomplete']} incomplete.",
         "",
     ]
-    out += [f"> Note: {n}" for n in tables.notes] + ([""] if tables.notes else [])
+    out += md_notes(tables.notes)
     if tables.sft is not None:
         out += [
             f"Starting point (SFT model) {tables.metric}: {format_number(tables.sft, pct)}.",
@@ -321,7 +324,7 @@ def render_markdown(tables: Tables, sweep_dir: Path, plots: Sequence[str] = ()) 
 
 CSV_COLUMNS = (
     ["loss", "known_as", "metric", "unit", "alpha"]
-    + [f"{m}_{k}" for m in MARGINS for k in ("mean", "std", "n", "failed", "incomplete")]
+    + [f"{m}_{k}" for m in MARGINS for k in (*CELL_FIELDS, "incomplete")]
     + ["gain_mean", "gain_ci_low", "gain_ci_high", "n_paired"]
 )
 
@@ -331,7 +334,6 @@ def render_csv(tables: Tables) -> str:
 
     Values are in display units (percent for accuracies, see the `unit` column); empty = undefined.
     """
-    num = csv_number
     rows = []
     for r in tables.rows:
         row = [
@@ -342,9 +344,8 @@ def render_csv(tables: Tables) -> str:
             "" if tables.alpha is None else f"{tables.alpha:g}",
         ]
         for cell in (r.difference, r.balanced):
-            s = cell.summary
-            row += [num(s.mean), num(s.std), s.n, cell.failed, cell.incomplete]
-        row += [num(r.gain.mean), num(r.gain.ci_low), num(r.gain.ci_high), r.gain.n]
+            row += [*csv_cell(cell), cell.incomplete]
+        row += csv_gain(r.gain)
         rows.append(row)
     return csv_text(CSV_COLUMNS, rows)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from experiments.tables.ablation import PAPER_LOSSES
 from experiments.tables.collect import Cell, Run
+from experiments.tables.formatting import CELL_FIELDS, csv_cell, csv_text, format_cell, md_table
 from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, md_table
 from experiments.tables.select import cell, optimizer_of
 
 __all__ = ["HypothesisCell", "HypothesisTable", "build", "render_csv", "render_markdown"]
@@ -164,7 +164,7 @@ def render_markdown(table: HypothesisTable) -> str:
 
 
 CSV_COLUMNS = (
-    *("optimizer", "loss", "mean", "std", "n", "failed", "z_mean", "z_last"),
+    *("optimizer", "loss", *CELL_FIELDS, "z_mean", "z_last"),
     *("grad_weight_chosen", "grad_weight_rejected"),
 )
 
@@ -173,8 +173,7 @@ def render_csv(table: HypothesisTable) -> str:
     """One row per optimizer x loss cell."""
     rows = [
         [
-            *(c.optimizer, c.loss, num(c.cell.summary.mean), num(c.cell.summary.std)),
-            *(c.cell.summary.n, c.cell.failed, num(c.z_mean), num(c.z_last)),
+            *(c.optimizer, c.loss, *csv_cell(c.cell), num(c.z_mean), num(c.z_last)),
             *(num(c.weight_chosen), num(c.weight_rejected)),
         ]
         for c in table.cells

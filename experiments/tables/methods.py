@@ -9,15 +9,25 @@ its 95% t interval; the final eval chosen reward (below 0: the chosen response l
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    format_signed,
+    gain_columns,
+    md_notes,
+    md_table,
+)
 from experiments.tables.select import (
     METRIC,
     cell,
@@ -103,14 +113,10 @@ def build(runs: Sequence[Run]) -> MethodsTable:
     return MethodsTable(rows=rows, sft=sft_accuracy(runs), notes=notes)
 
 
-def _num(x: float, digits: int = 2) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
-
-
 def render_markdown(table: MethodsTable) -> str:
     """The methods table as Markdown (header, notes, the table)."""
     out = ["# Methods: eval.accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     if table.sft is not None:
         out += [f"Starting point (SFT model) accuracy: {table.sft:.1f}.", ""]
     out += [
@@ -126,7 +132,7 @@ def render_markdown(table: MethodsTable) -> str:
             "-" if r.paper is None else f"{r.paper:.1f}",
             format_cell(r.cell, True),
             "(baseline)" if r.method == BASELINE else format_gain(r.vs_dpo, True),
-            "-" if r.chosen_reward.n == 0 else _num(r.chosen_reward.mean, 3),
+            format_signed(r.chosen_reward.mean, 3),  # nan (-) without values
         ]
         for r in table.rows
     ]
@@ -137,45 +143,21 @@ def render_markdown(table: MethodsTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "paper",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "incomplete",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
+    *("method", "objective", "paper", *CELL_FIELDS, "incomplete"),
+    *gain_columns("vs_dpo"),
     "chosen_reward_mean",
 )
 
 
 def render_csv(table: MethodsTable) -> str:
     """One row per method; accuracies in percent, empty = undefined."""
-
-    rows = []
-    for r in table.rows:
-        s, g = r.cell.summary, r.vs_dpo
-        rows.append(
-            [
-                r.method,
-                r.objective,
-                num(r.paper),
-                num(s.mean),
-                num(s.std),
-                s.n,
-                r.cell.failed,
-                r.cell.incomplete,
-                num(g.mean),
-                num(g.ci_low),
-                num(g.ci_high),
-                g.n,
-                num(r.chosen_reward.mean),
-            ]
-        )
+    rows = [
+        [
+            *(r.method, r.objective, csv_number(r.paper), *csv_cell(r.cell), r.cell.incomplete),
+            *(*csv_gain(r.vs_dpo), csv_number(r.chosen_reward.mean)),
+        ]
+        for r in table.rows
+    ]
     return csv_text(CSV_COLUMNS, rows)
 
 

@@ -20,8 +20,20 @@ from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
 from experiments.tables.convergence import curve
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    format_signed,
+    format_summary,
+    gain_columns,
+    md_notes,
+    md_table,
+)
 from experiments.tables.select import cell, group, method_of
 from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
@@ -141,21 +153,10 @@ def build(runs: Sequence[Run]) -> RealTable:
     return RealTable(start=_start(runs), pairs=pairs, rows=rows, notes=notes)
 
 
-def _signed(x: float, digits: int = 3) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
-
-
-def _mean_std(s: Summary, digits: int = 1, signed: bool = False) -> str:
-    if not s.n:
-        return "-"
-    mean = f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
-    return mean + ("" if math.isnan(s.std) else f" ± {s.std:.{digits}f}")
-
-
 def render_markdown(table: RealTable) -> str:
     """The table, the accuracy by step and the pairs, as Markdown."""
     out = ["# A real model: SmolLM2-135M-Instruct on reasoning-gym, test accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     start = table.start
     if start is not None:
         out += [
@@ -179,10 +180,10 @@ def render_markdown(table: RealTable) -> str:
                 r.method,
                 r.objective,
                 format_cell(r.cell, True),
-                "-" if math.isnan(delta) else f"{delta:+.1f}",
+                format_signed(delta, 1),
                 "(baseline)" if r.method == BASELINE else format_gain(r.vs_dpo, True),
-                "-" if not r.chosen_reward.n else _signed(r.chosen_reward.mean),
-                _mean_std(r.chosen_below_zero, 0),
+                format_signed(r.chosen_reward.mean, 3),  # nan (-) without values
+                format_summary(r.chosen_below_zero, 0),
             ]
         )
     out += md_table(
@@ -208,7 +209,7 @@ def render_markdown(table: RealTable) -> str:
         ]
         rows = [
             [r.method, "-" if start is None else f"{start.mean:.1f}"]
-            + [_mean_std(r.by_step[s]) if s in r.by_step else "-" for s in steps]
+            + [format_summary(r.by_step[s], 1) if s in r.by_step else "-" for s in steps]
             for r in table.rows
         ]
         out += md_table(["method", "0", *map(str, steps)], rows)
@@ -245,46 +246,22 @@ def render_markdown(table: RealTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "start",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
-    "chosen_reward_mean",
-    "chosen_reward_std",
-    "chosen_below_zero_mean",
+    *("method", "objective", "start", *CELL_FIELDS, *gain_columns("vs_dpo")),
+    *("chosen_reward_mean", "chosen_reward_std", "chosen_below_zero_mean"),
 )
 
 
 def render_csv(table: RealTable) -> str:
     """One row per method; accuracies in percent, empty = undefined."""
-    rows = []
-    for r in table.rows:
-        s, g = r.cell.summary, r.vs_dpo
-        rows.append(
-            [
-                r.method,
-                r.objective,
-                num(table.start.mean if table.start else None),
-                num(s.mean),
-                num(s.std),
-                s.n,
-                r.cell.failed,
-                num(g.mean),
-                num(g.ci_low),
-                num(g.ci_high),
-                g.n,
-                num(r.chosen_reward.mean),
-                num(r.chosen_reward.std),
-                num(r.chosen_below_zero.mean),
-            ]
-        )
+    start = csv_number(table.start.mean if table.start else None)
+    rows = [
+        [
+            *(r.method, r.objective, start, *csv_cell(r.cell), *csv_gain(r.vs_dpo)),
+            *(csv_number(r.chosen_reward.mean), csv_number(r.chosen_reward.std)),
+            csv_number(r.chosen_below_zero.mean),
+        ]
+        for r in table.rows
+    ]
     return csv_text(CSV_COLUMNS, rows)
 
 

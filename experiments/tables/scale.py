@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.tables.collect import Cell, Run
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    md_notes,
+    md_table,
+)
 from experiments.tables.select import (
     METRIC,
     Size,
@@ -109,7 +118,7 @@ def build(runs: Sequence[Run]) -> ScaleTable:
 def render_markdown(table: ScaleTable) -> str:
     """The scale table and the paper's, as Markdown."""
     out = ["# Scale: DPO -> BPO by model size, eval.accuracy (%)", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     out += [
         "Each size starts from its own SFT model. Cells: mean ± sample std over seeds (n). "
         "Gain: BPO - DPO paired by seed, mean [95% t interval].",
@@ -143,7 +152,7 @@ CSV_COLUMNS = (
     "parameters",
     "sft",
     "sft_in_band",
-    *(f"{m}_{k}" for m in ("dpo", "bpo") for k in ("mean", "std", "n", "failed")),
+    *(f"{m}_{k}" for m in ("dpo", "bpo") for k in CELL_FIELDS),
     "gain_mean",
     "gain_ci_low",
     "gain_ci_high",
@@ -153,14 +162,11 @@ CSV_COLUMNS = (
 
 def render_csv(table: ScaleTable) -> str:
     """One row per size; accuracies in percent, empty = undefined."""
-
     rows = []
     for r in table.rows:
-        row = [r.size.hidden_size, r.size.num_layers, r.parameters or "", num(r.sft)]
+        row = [r.size.hidden_size, r.size.num_layers, r.parameters or "", csv_number(r.sft)]
         row.append("" if r.sft_in_band is None else str(r.sft_in_band).lower())
-        for c in (r.dpo, r.bpo):
-            row += [num(c.summary.mean), num(c.summary.std), c.summary.n, c.failed]
-        row += [num(r.gain.mean), num(r.gain.ci_low), num(r.gain.ci_high), r.gain.n]
+        row += [*csv_cell(r.dpo), *csv_cell(r.bpo), *csv_gain(r.gain)]
         rows.append(row)
     return csv_text(CSV_COLUMNS, rows)
 

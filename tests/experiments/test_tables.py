@@ -191,6 +191,7 @@ def test_methods_table_paper_rows_first_paired_against_dpo(root):
     md = methods.render_markdown(table)
     assert "| dpo | logistic x difference | 41.0 | 42.0 ± 2.0 (n=3) | (baseline) |" in md
     assert "+9.0 [+6.5, +11.5] (n=3)" in md
+    assert "| cal_dpo | - | 43.6 | missing | - | - |" in md  # not run: no number, not nan
     body = list(csv.DictReader(io.StringIO(methods.render_csv(table))))
     assert body[5]["method"] == "bpo" and float(body[5]["vs_dpo_mean"]) == pytest.approx(9.0)
     assert body[3]["mean"] == ""  # cal_dpo not run: empty, not 0

@@ -9,24 +9,28 @@ import math
 from pathlib import Path
 
 from engine.runtime.fileio import atomic_open
-from experiments.tables.formatting import csv_number as num
-from experiments.tables.formatting import csv_text, format_cell, format_gain, md_table
+from experiments.tables.formatting import (
+    CELL_FIELDS,
+    csv_cell,
+    csv_gain,
+    csv_number,
+    csv_text,
+    format_cell,
+    format_gain,
+    format_summary,
+    gain_columns,
+    md_notes,
+    md_table,
+)
 from experiments.tables.iterative.table import BASELINE, COUNTS, PHASES, IterativeTable
-from experiments.tables.stats import Summary
 
 __all__ = ["plot", "render_csv", "render_markdown"]
-
-
-def _mean(s: Summary, digits: int = 0, signed: bool = False) -> str:
-    if not s.n:
-        return "-"
-    return f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
 
 
 def render_markdown(table: IterativeTable) -> str:
     """The per-round accuracy, the per-round detail and what each phase cost, as Markdown."""
     out = ["# Iterative on-policy training: held-out accuracy (%) per round", ""]
-    out += [f"> Note: {n}" for n in table.notes] + ([""] if table.notes else [])
+    out += md_notes(table.notes)
     if table.start is not None:
         s = table.start
         out += [
@@ -78,18 +82,14 @@ def render_markdown(table: IterativeTable) -> str:
     for r in table.rows:
         for n in table.rounds:
             c = r.rounds[n]
-            reward = c.chosen_reward
             body.append(
                 [
                     r.method,
                     str(n),
                     format_cell(c.accuracy, True),
-                    "-"
-                    if not reward.n
-                    else f"{reward.mean:+.3f}"
-                    + ("" if math.isnan(reward.std) else f" ± {reward.std:.3f}"),
-                    _mean(c.sample_accuracy, 1),
-                    *(_mean(c.counts[key]) for key in COUNTS),
+                    format_summary(c.chosen_reward, 3, signed=True),
+                    format_summary(c.sample_accuracy, 1, spread=False),
+                    *(format_summary(c.counts[key], 0, spread=False) for key in COUNTS),
                 ]
             )
     out += md_table(
@@ -107,7 +107,11 @@ def render_markdown(table: IterativeTable) -> str:
     )
     out += ["", "## Cost: seconds per round (mean over seeds)", ""]
     body = [
-        [r.method, str(n), *(_mean(r.rounds[n].seconds[p]) for p in PHASES)]
+        [
+            r.method,
+            str(n),
+            *(format_summary(r.rounds[n].seconds[p], 0, spread=False) for p in PHASES),
+        ]
         for r in table.rows
         for n in table.rounds
     ]
@@ -116,18 +120,7 @@ def render_markdown(table: IterativeTable) -> str:
 
 
 CSV_COLUMNS = (
-    "method",
-    "objective",
-    "round",
-    "start",
-    "mean",
-    "std",
-    "n",
-    "failed",
-    "vs_dpo_mean",
-    "vs_dpo_ci_low",
-    "vs_dpo_ci_high",
-    "vs_dpo_n",
+    *("method", "objective", "round", "start", *CELL_FIELDS, *gain_columns("vs_dpo")),
     "chosen_reward_mean",
     "chosen_reward_std",
     "sample_accuracy_mean",
@@ -140,30 +133,18 @@ CSV_COLUMNS = (
 
 def render_csv(table: IterativeTable) -> str:
     """One row per method x round; accuracies in percent, empty = undefined."""
+    start = csv_number(table.start.mean if table.start else None)
     rows = []
     for r in table.rows:
         for n in table.rounds:
             c = r.rounds[n]
-            s, g = c.accuracy.summary, c.vs_dpo
             rows.append(
                 [
-                    r.method,
-                    r.objective,
-                    n,
-                    num(table.start.mean if table.start else None),
-                    num(s.mean),
-                    num(s.std),
-                    s.n,
-                    c.accuracy.failed,
-                    num(g.mean),
-                    num(g.ci_low),
-                    num(g.ci_high),
-                    g.n,
-                    num(c.chosen_reward.mean),
-                    num(c.chosen_reward.std),
-                    num(c.sample_accuracy.mean),
-                    *(num(c.counts[key].mean) for key in COUNTS),
-                    *(num(c.seconds[p].mean) for p in PHASES),
+                    *(r.method, r.objective, n, start, *csv_cell(c.accuracy), *csv_gain(c.vs_dpo)),
+                    *(csv_number(c.chosen_reward.mean), csv_number(c.chosen_reward.std)),
+                    csv_number(c.sample_accuracy.mean),
+                    *(csv_number(c.counts[key].mean) for key in COUNTS),
+                    *(csv_number(c.seconds[p].mean) for p in PHASES),
                 ]
             )
     return csv_text(CSV_COLUMNS, rows)
