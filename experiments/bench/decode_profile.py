@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +41,13 @@ import torch
 from engine.generation import decoding
 from engine.generation.backends import HFBackend
 from engine.runtime.fileio import atomic_write_text
-from engine.runtime.machine import cpu_name
 from experiments.bench.generation import (
     RESULTS,
     Case,
-    small_cases,
-    smollm2_cases,
-    task_cases,
+    built_cases,
+    case_names,
+    command_line,
+    machine_line,
 )
 
 #: the profiler's operator names counted as matmuls and as the attention kernel
@@ -193,8 +191,7 @@ def report(profiles: list[Profile], peak: float, bandwidth: float, command: str)
         "# Where the decode loop's time goes",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; device: CPU  ",
+        f"Machine: {machine_line()}; device: CPU  ",
         f"Float32 matmul rate (best of two, 4096^3): {peak:,.0f} GFLOP/s; copy bandwidth (256 MiB, "
         f"read + written): {bandwidth:,.1f} GB/s. Load average at the end (1, 5, 15 min): {load}.",
         "",
@@ -255,27 +252,21 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     default = Path(tempfile.gettempdir()) if args.quick else RESULTS
     out = args.out or default / "decode_profile.md"
-    builders: dict[str, Callable[[Path], list[Case]]] = {
-        "task": lambda _: task_cases(args.task_model, args.quick),
-        "small": lambda scratch: small_cases(scratch, args.quick),
-        "smollm2": lambda _: smollm2_cases(args.quick),
-    }
-    unknown = set(args.cases.split(",")) - set(builders)
-    if unknown:
-        raise SystemExit(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(builders)}")
+    names = case_names(args.cases)
     peaks, bandwidths = [matmul_peak_gflops()], [copy_bandwidth_gbs()]
     profiles: list[Profile] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.cases.split(","):
-            for case in builders[name](Path(scratch)):
-                profiles.append(profile_case(case))
-                print(f"{case.name}: profiled", flush=True)
+    for built in built_cases(names, args.task_model, args.quick):
+        for case in built:
+            profiles.append(profile_case(case))
+            print(f"{case.name}: profiled", flush=True)
     peaks.append(matmul_peak_gflops())
     bandwidths.append(copy_bandwidth_gbs())
-    command = "python -m experiments.bench.decode_profile " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    text = report(
+        profiles,
+        max(peaks),
+        max(bandwidths),
+        command_line("experiments.bench.decode_profile", argv),
     )
-    text = report(profiles, max(peaks), max(bandwidths), command.strip())
     atomic_write_text(out, text)
     print(text)
     print(f"report: {out}")

@@ -211,6 +211,45 @@ def smollm2_cases(quick: bool) -> list[Case]:
     ]
 
 
+#: the cases ``--cases`` chooses from, in their builders' order
+CASE_NAMES = ("task", "small", "smollm2")
+
+
+def case_names(cases: str) -> list[str]:
+    """``--cases`` (comma-separated) checked against :data:`CASE_NAMES`."""
+    names = cases.split(",")
+    unknown = set(names) - set(CASE_NAMES)
+    if unknown:
+        raise SystemExit(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASE_NAMES)}")
+    return names
+
+
+def built_cases(names: list[str], task_model: Path | None, quick: bool) -> Iterator[list[Case]]:
+    """Each named case group, built when its turn comes (one model in memory at a time); the
+    bench's model is built in a temporary directory removed at the end."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            if name == "task":
+                yield task_cases(task_model, quick)
+            elif name == "small":
+                yield small_cases(Path(scratch), quick)
+            else:
+                yield smollm2_cases(quick)
+
+
+def machine_line() -> str:
+    """The machine and torch, for a report's header."""
+    return (
+        f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """``python -m <module> <arguments>`` as the report records it."""
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def compiled_step(mode: str) -> Callable[..., torch.Tensor]:
     """``decoding._step`` under ``torch.compile(mode=mode, dynamic=True)``, the attention call
     left to eager: compiled, CPU sdpa specializes the key length (the number of cache columns),
@@ -299,8 +338,7 @@ def report(cases: list[Case], peak: float, command: str, repeats: int) -> str:
         "# Generation speed: transformers' generate vs the decode loop",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, transformers "
+        f"Machine: {machine_line()}, transformers "
         f"{importlib.metadata.version('transformers')}; device: CPU  ",
         f"Float32 matmul rate (best of two, 4096^3): {peak:,.0f} GFLOP/s. {repeats} repeats "
         f"(median). Load average at the end (1, 5, 15 min): {load}.",
@@ -379,26 +417,16 @@ def main(argv: list[str] | None = None) -> Path:
         if args.quick
         else RESULTS / "bench_generation.md"
     )
-    builders: dict[str, Callable[[Path], list[Case]]] = {
-        "task": lambda _: task_cases(args.task_model, args.quick),
-        "small": lambda scratch: small_cases(scratch, args.quick),
-        "smollm2": lambda _: smollm2_cases(args.quick),
-    }
-    unknown = set(args.cases.split(",")) - set(builders)
-    if unknown:
-        raise SystemExit(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(builders)}")
+    names = case_names(args.cases)
     peaks = [matmul_peak_gflops()]
     cases: list[Case] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.cases.split(","):
-            built = builders[name](Path(scratch))
-            measure(built, args.repeats)
-            cases += built
+    for built in built_cases(names, args.task_model, args.quick):
+        measure(built, args.repeats)
+        cases += built
     peaks.append(matmul_peak_gflops())
-    command = "python -m experiments.bench.generation " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    text = report(
+        cases, max(peaks), command_line("experiments.bench.generation", argv), args.repeats
     )
-    text = report(cases, max(peaks), command.strip(), args.repeats)
     atomic_write_text(out, text)
     print(text)
     print(f"report: {out}")
