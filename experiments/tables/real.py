@@ -34,7 +34,7 @@ from experiments.tables.formatting import (
     md_notes,
     md_table,
 )
-from experiments.tables.select import cell, group, method_of
+from experiments.tables.select import BASELINE, cell, group, method_of, method_order
 from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
     "render_markdown",
 ]
 
-BASELINE, CONTROL = "dpo", "chosen_nll"
-ORDER = ("dpo", "slic", "bpo")  # the difference margin first, then the balanced one
 METRIC = "eval.accuracy"
 
 
@@ -73,12 +71,6 @@ class RealTable:
     pairs: dict
     rows: list[RealRow]
     notes: list[str] = field(default_factory=list)
-
-
-def _order(names: Sequence[str]) -> list[str]:
-    known = [n for n in ORDER if n in names]
-    rest = sorted(n for n in names if n not in ORDER and n != CONTROL)
-    return known + rest + ([CONTROL] if CONTROL in names else [])
 
 
 def _start(runs: Sequence[Run]) -> Summary | None:
@@ -117,7 +109,7 @@ def build(runs: Sequence[Run]) -> RealTable:
     by_method = group(runs, method_of)
     baseline = cell(by_method.get(BASELINE, []), METRIC).by_seed()
     rows = []
-    for name in _order([str(n) for n in by_method]):
+    for name in method_order([str(n) for n in by_method]):
         method_runs = by_method[name]
         c = cell(method_runs, METRIC)
         first = method_runs[0]

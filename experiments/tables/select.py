@@ -36,6 +36,20 @@ __all__ = [
 METRIC = "eval.accuracy"
 
 
+#: the baseline and the reference-free control of the real-model and iterative tables
+BASELINE, CONTROL = "dpo", "chosen_nll"
+#: their methods' order: the difference margin first, then the balanced one
+METHOD_ORDER = ("dpo", "slic", "bpo")
+
+
+def method_order(names: Sequence[str]) -> list[str]:
+    """``names`` in table order: :data:`METHOD_ORDER`'s, then the others by name, the control
+    (:data:`CONTROL`) last."""
+    known = [n for n in METHOD_ORDER if n in names]
+    rest = sorted(n for n in names if n not in METHOD_ORDER and n != CONTROL)
+    return known + rest + ([CONTROL] if CONTROL in names else [])
+
+
 def _close(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 

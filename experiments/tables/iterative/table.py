@@ -20,13 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from experiments.tables.collect import Cell, Run, number
-from experiments.tables.select import group, method_of
+from experiments.tables.select import BASELINE, group, method_of, method_order
 from experiments.tables.stats import PairedGain, Summary, paired_gain, summarize
 
 __all__ = ["IterativeRow", "IterativeTable", "RoundCells", "build", "round_cell", "round_value"]
 
-BASELINE, CONTROL = "dpo", "chosen_nll"
-ORDER = ("dpo", "slic", "bpo")  # the difference margin first, then the balanced one
 #: per-round numbers shown as means over seeds (besides the accuracy)
 COUNTS = ("pairs", "all_correct_prompts", "all_wrong_prompts")
 PHASES = ("sample", "train", "eval")
@@ -95,12 +93,6 @@ class IterativeTable:
     notes: list[str] = field(default_factory=list)
 
 
-def _order(names: Sequence[str]) -> list[str]:
-    known = [n for n in ORDER if n in names]
-    rest = sorted(n for n in names if n not in ORDER and n != CONTROL)
-    return known + rest + ([CONTROL] if CONTROL in names else [])
-
-
 def _start(runs: Sequence[Run], notes: list[str]) -> Summary | None:
     values = {v for r in runs if (v := round_value(r, 0, "accuracy")) is not None}
     if not values:
@@ -144,7 +136,7 @@ def build(runs: Sequence[Run]) -> IterativeTable:
     )
     baseline = {n: round_cell(by_method.get(BASELINE, []), n).by_seed() for n in rounds}
     rows = []
-    for name in _order([str(n) for n in by_method]):
+    for name in method_order([str(n) for n in by_method]):
         method_runs = by_method[name]
         first = method_runs[0]
         cells = {}
