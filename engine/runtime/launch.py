@@ -4,6 +4,8 @@ and the one output directory every rank agrees on.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
 import traceback
@@ -31,9 +33,8 @@ def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
     The deepspeed launcher appends ``--local_rank=N``, which Hydra would reject: it is taken off
     the command line (``LOCAL_RANK`` says the same). Ranks other than 0 (under a launcher) make no
     run directory and no log files of their own: rank 0's output directory is broadcast
-    (:func:`resolve_output_dir`). The process group, if one was made, is destroyed before the
-    process leaves (:func:`engine.runtime.distributed.shutdown`), whether the command succeeded,
-    failed or stopped for a requeue.
+    (:func:`resolve_output_dir`). The process leaves through :func:`leave`, whether the command
+    succeeded, failed or stopped for a requeue.
     """
     import hydra
 
@@ -54,9 +55,40 @@ def hydra_entry(config_name: str, function: Callable[[Any], Any]) -> None:
         function(cfg)
 
     try:
-        main()
-    finally:  # once per process, after every job of a sequential multirun
-        dist_utils.shutdown()
+        main()  # every job of a sequential multirun
+    except SystemExit as leaving:
+        leave(leaving.code)
+        raise
+    except Exception:  # HYDRA_FULL_ERROR=1 lets a job's error through
+        if dist_utils.launched_world_size() > 1:
+            traceback.print_exc()  # leave() exits before Python would print it
+        leave(1)
+        raise
+    leave(0)
+
+
+def leave(code: int | str | None) -> None:
+    """The end of a command's process, with exit status ``code`` (``sys.exit``'s argument).
+
+    The process group, if one was made, is destroyed (:func:`engine.runtime.distributed.shutdown`).
+    Under a launcher (``WORLD_SIZE`` > 1) the process then exits here, after the exit handlers
+    (``atexit``: log handlers, trackers) and a flush of its output, without the interpreter's
+    teardown: gloo's threads can outlive the destroyed group (other objects still hold it), and
+    freeing them during teardown aborts a rank that has finished its work ("terminate called
+    without an active exception", SIGABRT), which the launcher reports as a failed job. A process
+    of its own returns, and Python exits as usual.
+    """
+    dist_utils.shutdown()
+    if dist_utils.launched_world_size() <= 1:
+        return
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what Python does with sys.exit("message")
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
 
 
 def chosen_output_dir(cfg: Any, fallback: str) -> Path:

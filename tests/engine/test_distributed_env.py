@@ -147,3 +147,57 @@ def test_a_command_destroys_its_process_group_before_it_leaves(tmp_path, fail: b
     )
     assert done.returncode == (1 if fail else 0), done.stderr[-3000:]
     assert "at exit: group False during [True]" in done.stdout, (done.stdout, done.stderr[-3000:])
+
+
+_LAUNCHED_SCRIPT = """
+import atexit, os, sys
+import torch.distributed as dist
+from engine.runtime.distributed import all_reduce_sum, init_distributed
+from engine.runtime.launch import hydra_entry
+import torch
+
+rank = os.environ["RANK"]
+atexit.register(lambda: print(f"rank {rank}: exit handlers ran", flush=True))
+
+def job(cfg):
+    init_distributed()
+    total = all_reduce_sum(torch.ones(1))
+    print(f"rank {rank}: sum {int(total.item())}", end="")  # no newline, no flush: leave() flushes
+    if cfg.fail:
+        raise RuntimeError(f"rank {rank} failed")
+
+hydra_entry("sample_pairs", job)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fail", [False, True], ids=["succeeded", "failed"])
+def test_two_launched_ranks_leave_with_the_commands_status(tmp_path, fail: bool) -> None:
+    """Under torchrun, a command's ranks leave through launch.leave (the process group's threads
+    can outlive it; the interpreter's teardown could abort a finished rank): the launcher sees
+    the command's own status, the exit handlers ran and unflushed output arrived."""
+    script = tmp_path / "job.py"
+    script.write_text(_LAUNCHED_SCRIPT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            f"hydra.run.dir={tmp_path}",
+            f"+fail={str(fail).lower()}",
+        ],
+        env=without_launcher_env() | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (done.returncode != 0) == fail, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: sum 2" in done.stdout, (done.stdout, done.stderr[-3000:])
+        assert f"rank {rank}: exit handlers ran" in done.stdout, done.stdout
+    if fail:
+        assert "RuntimeError: rank" in done.stdout + done.stderr
+        assert "exitcode  : 1" in done.stderr and "exitcode  : -6" not in done.stderr
