@@ -150,13 +150,10 @@ def init_distributed() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group, if there is one, while the interpreter is fully alive.
-
-    Left to interpreter teardown, gloo's worker threads can still hold finished work whose tensors
-    reference Python objects; freeing them then aborts the process ("terminate called without an
-    active exception", SIGABRT), which a launcher reports as a failed rank after the work is done.
-    Local to this process (no collective): safe on an error path where other ranks are gone.
-    """
+    """Destroy the process group, if there is one (the commands call it on their way out:
+    :func:`engine.runtime.launch.leave`, which also keeps a launched rank out of the interpreter's
+    teardown, where gloo's threads can abort it). Local to this process (no collective): safe on
+    an error path where other ranks are gone."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -129,9 +129,8 @@ hydra_entry("sample_pairs", job)
 
 @pytest.mark.parametrize("fail", [False, True], ids=["succeeded", "failed"])
 def test_a_command_destroys_its_process_group_before_it_leaves(tmp_path, fail: bool) -> None:
-    """The commands' entry destroys the process group while the interpreter is alive: left to
-    teardown, gloo can abort a finished rank (SIGABRT, "terminate called without an active
-    exception"; seen once in a two-rank sample_pairs run). Also after a failure."""
+    """A command's process (a world of one) leaves through launch.leave: its process group is
+    destroyed before the exit handlers run, also after a failure, and Python exits as usual."""
     done = subprocess.run(
         [
             sys.executable,
